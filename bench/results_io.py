@@ -1,0 +1,56 @@
+"""Write a benchmark's results as JSON + markdown, with the command, machine, date and git revision inside."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance() -> dict:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=RESULTS.parent).stdout.strip()
+        except OSError:
+            return ""
+
+    import torch
+
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_revision": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v: object) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write(name: str, payload: dict, columns: list[str], title: str, notes: str = "") -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {**payload, **provenance()}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = [f"# {title}", "", markdown_table(payload["rows"], columns), ""]
+    if notes:
+        md += [notes, ""]
+    md += [f"`{payload['command']}` at {payload['git_revision']}, {payload['date']}, "
+           f"{payload['machine']['cores']} cores, torch {payload['machine']['torch']}", ""]
+    (RESULTS / f"{name}.md").write_text("\n".join(md))
+    print("\n".join(md))
+    return RESULTS / f"{name}.json"

@@ -1,0 +1,113 @@
+"""`ralmspec assets --profile tiny|default|large`: build every asset of a profile, idempotently.
+
+Steps (each skipped when its output exists): corpus -> passages + questions; passage embeddings;
+FAISS flat / HNSW / IVF; Lucene BM25 index; the LM converted from GGUF to an HF folder.
+Each step's build time and size are recorded in `<profile>/manifest.json` and printed as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from services.common.errors import InvalidRequest
+from services.common.layout import PROFILES, Layout
+
+log = logging.getLogger(__name__)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def _step(manifest: dict, name: str, out: Path, build: Callable[[], None], save: Path) -> None:
+    """Run one build step unless its output exists; record time and size at once (resumable)."""
+    if out.exists() and name in manifest:
+        return
+    t = time.perf_counter()
+    build()
+    manifest[name] = {"seconds": round(time.perf_counter() - t, 2), "bytes": _size(out), "path": str(out)}
+    save.write_text(json.dumps(manifest, indent=2))
+
+
+def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m") -> dict:
+    if profile not in PROFILES:
+        raise InvalidRequest(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    lay = layout or Layout.for_profile(profile)
+    lay.root.mkdir(parents=True, exist_ok=True)
+    manifest: dict = json.loads(lay.manifest.read_text()) if lay.manifest.exists() else {}
+
+    def corpus() -> None:
+        from services.retriever.corpus import build_passages, write_jsonl
+
+        passages, questions = build_passages(profile, lay.cache)
+        write_jsonl(lay.questions, questions)
+        write_jsonl(lay.passages, passages)
+
+    def embeddings() -> None:
+        from services.retriever.corpus import read_passages
+        from services.retriever.docstore import DocStore
+        from services.retriever.encoder import Encoder
+
+        store = DocStore(read_passages(lay.passages))
+        texts = [store.document(i) for i in range(len(store))]
+        print(f"encoding {len(texts)} passages (bf16)", flush=True)
+        vecs = Encoder().encode_passages(texts, bf16=True, progress=True)
+        tmp = lay.embeddings.with_name("embeddings.part.npy")
+        np.save(tmp, vecs)
+        tmp.rename(lay.embeddings)
+
+    def faiss_index(kind: str) -> Callable[[], None]:
+        def run() -> None:
+            import faiss
+
+            from services.retriever.dense import build_index
+
+            vecs = np.load(lay.embeddings)
+            print(f"building FAISS {kind} over {len(vecs)} vectors", flush=True)
+            index = build_index(kind, vecs)
+            tmp = lay.faiss_index(kind).with_suffix(".part")
+            faiss.write_index(index, str(tmp))
+            tmp.rename(lay.faiss_index(kind))
+
+        return run
+
+    def lucene() -> None:
+        from services.retriever.sparse import build_lucene_index
+
+        print("building Lucene BM25 index", flush=True)
+        build_lucene_index(lay.passages, lay.lucene_input, lay.lucene_index)
+
+    def lm() -> None:
+        from services.lm.model import convert
+
+        convert(model, lay.models)
+
+    _step(manifest, "corpus", lay.passages, corpus, lay.manifest)
+    _step(manifest, "embeddings", lay.embeddings, embeddings, lay.manifest)
+    for kind in ("flat", "hnsw", "ivf"):
+        _step(manifest, f"faiss_{kind}", lay.faiss_index(kind), faiss_index(kind), lay.manifest)
+    _step(manifest, "lucene", lay.lucene_index, lucene, lay.manifest)
+    _step(manifest, f"lm_{model}", lay.models / model, lm, lay.manifest)
+    with lay.passages.open() as f:
+        manifest["passages"] = sum(1 for _ in f)
+    with lay.questions.open() as f:
+        manifest["questions"] = sum(1 for _ in f)
+    lay.manifest.write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def table(profile: str, manifest: dict) -> str:
+    rows = [f"profile {profile}: {manifest['passages']} passages, {manifest['questions']} questions",
+            f"{'step':<18}{'build s':>10}{'size MB':>10}"]
+    for name, v in manifest.items():
+        if isinstance(v, dict):
+            rows.append(f"{name:<18}{v['seconds']:>10.1f}{v['bytes'] / 2**20:>10.1f}")
+    return "\n".join(rows)

@@ -1,0 +1,87 @@
+"""`ralmspec` command line: assets, ask."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from services.common.errors import RalmError
+from services.common.layout import PROFILES
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _assets(args: argparse.Namespace) -> int:
+    from services.assets import build, table
+
+    manifest = build(args.profile, model=args.model)
+    print(table(args.profile, manifest))
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from services.gateway.inprocess import open_engine
+    from services.gateway.prompts import qa_prompt
+    from services.gateway.ralm import RalmConfig
+    from services.gateway.settings import GatewaySettings
+
+    retriever = None if args.retriever == "none" else args.retriever
+    mode = "no-retrieval" if retriever is None else args.mode
+    cfg = RalmConfig(mode=mode, stride=args.stride, max_new_tokens=args.max_new_tokens)
+    prompt = qa_prompt(args.question)  # validate before loading anything
+    cfg.validate()
+    settings = GatewaySettings.from_env(profile=args.profile, model=args.model)
+    engine = open_engine(settings, [retriever] if retriever else [])
+    res = engine.generate(prompt, cfg, retriever or "exact")
+    used = list(dict.fromkeys(res.doc_ids))
+    if args.json:
+        print(json.dumps({"answer": res.text, "tokens": res.tokens, "passages": [
+            {"id": p, "title": engine.docs.get(p).title} for p in used],
+            "retrieval_s": res.retrieval_s, "lm_s": res.lm_s, "total_s": res.total_s}))
+        return 0
+    print(f"answer: {res.text}")
+    print(f"passages ({retriever or 'no retrieval'}, {res.retrievals} retrievals):")
+    for p in used:
+        print(f"  [{p}] {engine.docs.get(p).title or '(untitled)'}: {engine.docs.get(p).text[:80]}...")
+    print(f"time: retrieval {res.retrieval_s * 1e3:.0f} ms, LM {res.lm_s * 1e3:.0f} ms, "
+          f"total {res.total_s * 1e3:.0f} ms")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ralmspec", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("assets", help="build the corpus, indexes and model of a profile (idempotent)")
+    a.add_argument("--profile", choices=PROFILES, default=os.environ.get("RALMSPEC_PROFILE", "default"))
+    a.add_argument("--model", default=os.environ.get("RALMSPEC_MODEL", "smollm2-135m"))
+    a.set_defaults(run=_assets)
+    q = sub.add_parser("ask", help="answer a question with iterative retrieval-augmented generation")
+    q.add_argument("question")
+    q.add_argument("--retriever", choices=["exact", "approx", "sparse", "none"], default="exact")
+    q.add_argument("--mode", choices=["kv-reuse", "paper"], default="kv-reuse")
+    q.add_argument("--profile", choices=PROFILES, default=None)
+    q.add_argument("--model", default=None)
+    q.add_argument("--stride", type=int, default=4)
+    q.add_argument("--max-new-tokens", type=int, default=128)
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(run=_ask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=os.environ.get("RALMSPEC_LOG", "WARNING"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except RalmError as e:
+        print(f"ralmspec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

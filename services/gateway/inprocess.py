@@ -1,0 +1,24 @@
+"""In-process runtime: build the RaLM engine from local assets (library API, CLI, tests, benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from services.gateway.ralm import RalmEngine
+from services.gateway.settings import GatewaySettings
+from services.lm.model import load
+from services.retriever.docstore import DocStore
+from services.retriever.encoder import Encoder
+from services.retriever.retriever import RETRIEVERS, Retriever, open_retriever
+
+
+def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVERS) -> RalmEngine:
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
+    lay = settings.layout
+    lm = load(settings.model, lay.models, settings.device, settings.dtype)
+    encoder = Encoder() if any(r != "sparse" for r in retrievers) else None
+    opened: dict[str, Retriever] = {r: open_retriever(r, lay, encoder) for r in retrievers}
+    return RalmEngine(lm, DocStore.load(lay.passages), opened)

@@ -1,0 +1,23 @@
+"""Prompt formats (one place, shared by the CLI, the benchmarks and the services)."""
+
+from __future__ import annotations
+
+from services.common.errors import InvalidRequest
+
+MAX_QUESTION_CHARS = 2000
+
+# Two fixed shots (not from the evaluation set) teach the short-answer format and the newline stop.
+QA_PREFIX = (
+    "Answer each question with a short phrase taken from the passage.\n\n"
+    "Question: What is the capital city of Australia?\nAnswer: Canberra\n\n"
+    "Question: In which year did the Berlin Wall fall?\nAnswer: 1989\n\n"
+)
+
+
+def qa_prompt(question: str) -> str:
+    q = question.strip() if isinstance(question, str) else ""
+    if not q:
+        raise InvalidRequest("the question is empty: ask something, e.g. 'Who wrote Hamlet?'")
+    if len(q) > MAX_QUESTION_CHARS:
+        raise InvalidRequest(f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    return f"{QA_PREFIX}Question: {q}\nAnswer:"

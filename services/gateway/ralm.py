@@ -1,0 +1,161 @@
+"""Baseline iterative In-Context RaLM (the reference every speedup is measured against).
+
+Every `stride` tokens: query = the last `query_tokens` tokens of prompt + generated text, retrieve the
+top-1 passage, put its first `doc_tokens` tokens in front of the context, decode the next stride.
+Modes:
+- `paper`: re-prefill document + context at every stride (RaLMSpec's released baseline);
+- `kv-reuse`: the session cache keeps its longest common prefix, so an unchanged document costs nothing;
+- `no-retrieval`: plain greedy decoding of the prompt;
+- `lm-only`: the documents of a previous run supplied in advance, no retrieval (the physical limit).
+`paper` and `kv-reuse` emit the same tokens (up to certified float near-ties).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from services.common.errors import InvalidRequest
+from services.lm.decoder import Session
+from services.lm.model import LoadedLM
+from services.retriever.docstore import DocStore
+from services.retriever.retriever import Retriever
+
+MODES = ("paper", "kv-reuse", "no-retrieval", "lm-only")
+NO_DOC = -1  # a stride whose retrieval found nothing runs without a document
+
+
+@dataclass(frozen=True)
+class RalmConfig:
+    mode: str = "kv-reuse"
+    stride: int = 4  # tokens generated per retrieval (In-Context RaLM)
+    query_tokens: int = 32  # query = the last 32 tokens of the context, decoded to text
+    doc_tokens: int = 256  # the document is cut to 256 tokens (separator included)
+    max_new_tokens: int = 128
+    stop_at_newline: bool = True  # QA answers end at a newline (or EOS)
+    max_input_tokens: int = 2048  # prompt + document + new tokens; bounds CPU time per request
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidRequest(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
+        for name in ("stride", "query_tokens", "doc_tokens", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class RalmResult:
+    tokens: list[int]
+    text: str
+    doc_ids: list[int]  # the document used for each stride (empty for no-retrieval)
+    gaps: list[float]  # top-2 logit gap at each emitted token (near-tie certificate)
+    retrieval_s: float = 0.0
+    lm_s: float = 0.0
+    total_s: float = 0.0
+    retrievals: int = 0  # retriever calls (queries sent)
+    lm_forwards: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+class RalmEngine:
+    """Holds the LM, the passage store and the retrievers; `generate` runs one request."""
+
+    def __init__(self, lm: LoadedLM, docs: DocStore, retrievers: dict[str, Retriever]) -> None:
+        self.lm, self.docs, self.retrievers = lm, docs, retrievers
+        self.tok = lm.tokenizer
+        self.stop_ids = frozenset(t for t in [self.tok.eos_token_id] if t is not None)  # type: ignore
+        self.newline_ids = _newline_ids(self.tok)
+        self._sep = self.encode("\n\n")
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False).input_ids)  # type: ignore[operator]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tok.decode(list(ids), skip_special_tokens=True))  # type: ignore[attr-defined]
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - one engine per process; documents repeat across strides
+    def doc_ids(self, pid: int, doc_tokens: int) -> tuple[int, ...]:
+        if pid == NO_DOC:
+            return ()
+        return tuple(self.encode(self.docs.document(pid))[: doc_tokens - len(self._sep)] + self._sep)
+
+    def stops(self, cfg: RalmConfig) -> frozenset[int]:
+        return self.stop_ids | self.newline_ids if cfg.stop_at_newline else self.stop_ids
+
+    def query(self, ctx: Sequence[int], cfg: RalmConfig) -> str:
+        return self.decode(ctx[-cfg.query_tokens:])
+
+    def check_prompt(self, prompt_ids: Sequence[int], cfg: RalmConfig) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        limit = min(cfg.max_input_tokens, self.lm.max_positions)
+        need = len(prompt_ids) + cfg.doc_tokens + cfg.max_new_tokens
+        if need > limit:
+            raise InvalidRequest(
+                f"the prompt is {len(prompt_ids)} tokens; with a {cfg.doc_tokens}-token document and "
+                f"{cfg.max_new_tokens} new tokens that needs {need} positions, over the limit of {limit}")
+
+    def retriever(self, name: str) -> Retriever:
+        if name not in self.retrievers:
+            raise InvalidRequest(f"unknown retriever {name!r}; available: {', '.join(sorted(self.retrievers))}")
+        return self.retrievers[name]
+
+    def generate(self, prompt: str, cfg: RalmConfig, retriever: str = "exact",
+                 schedule: Sequence[int] | None = None, session: Session | None = None) -> RalmResult:
+        """One request. `schedule` (lm-only) gives the document of every stride in advance."""
+        cfg.validate()
+        t0 = time.perf_counter()
+        prompt_ids = self.encode(prompt)
+        self.check_prompt(prompt_ids, cfg)
+        ret = self.retriever(retriever) if cfg.mode in ("paper", "kv-reuse") else None
+        if cfg.mode == "lm-only" and schedule is None:
+            raise InvalidRequest("lm-only needs the documents in advance (a schedule from a previous run)")
+        sess = session or Session(self.lm)
+        stops = self.stops(cfg)
+        res = RalmResult([], "", [], [])
+        f0 = sess.forwards
+        if cfg.mode == "no-retrieval":
+            t = time.perf_counter()
+            e = sess.greedy(prompt_ids, cfg.max_new_tokens, stops)
+            res.lm_s += time.perf_counter() - t
+            res.tokens, res.gaps = e.tokens, e.gaps
+        while cfg.mode != "no-retrieval" and len(res.tokens) < cfg.max_new_tokens:
+            ctx = prompt_ids + res.tokens
+            # 1) the document of this stride
+            if ret is not None:
+                t = time.perf_counter()
+                hits = ret.search([self.query(ctx, cfg)], 1)[0]
+                pid = hits[0].pid if hits else NO_DOC  # BM25 finds nothing for a stop-word-only query
+                res.retrieval_s += time.perf_counter() - t
+                res.retrievals += 1
+            else:
+                assert schedule is not None
+                i = len(res.doc_ids)
+                if i >= len(schedule):
+                    raise InvalidRequest(f"the lm-only schedule has {len(schedule)} documents; stride {i} needs more")
+                pid = schedule[i]
+            res.doc_ids.append(pid)
+            # 2) decode one stride with that document in front
+            t = time.perf_counter()
+            n = min(cfg.stride, cfg.max_new_tokens - len(res.tokens))
+            e = sess.greedy(list(self.doc_ids(pid, cfg.doc_tokens)) + ctx, n, stops,
+                            reuse=cfg.mode != "paper")
+            res.lm_s += time.perf_counter() - t
+            res.tokens += e.tokens
+            res.gaps += e.gaps
+            if e.stopped:
+                break
+        res.lm_forwards = sess.forwards - f0
+        res.text = self.decode(res.tokens).split("\n")[0].strip() if cfg.stop_at_newline else self.decode(res.tokens)
+        res.total_s = time.perf_counter() - t0
+        return res
+
+
+def _newline_ids(tok: object) -> frozenset[int]:
+    """Every vocabulary id whose text contains a newline (QA answers stop there)."""
+    vocab = tok.get_vocab()  # type: ignore[attr-defined]
+    ids = [i for i in vocab.values()]
+    texts = tok.batch_decode([[i] for i in ids])  # type: ignore[attr-defined]
+    return frozenset(i for i, t in zip(ids, texts) if "\n" in t)

@@ -1,0 +1,94 @@
+"""Greedy decoding with a per-session KV cache that reuses the longest common prefix of what it already holds.
+
+KV reuse is a property of the cache, not of the caller: asking for logits after a sequence feeds only the
+suffix past the longest common prefix with the cached tokens (after cropping the rest). Rolling back is the
+same call with a shorter sequence. `reuse=False` re-prefills from scratch (RaLMSpec's paper baseline).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from services.lm.model import LoadedLM
+
+
+@dataclass
+class Emitted:
+    """Tokens from one greedy run, with the top-2 logit gap at each (the near-tie certificate)."""
+
+    tokens: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # logit[top1] - logit[top2] at each emitted token
+    forwards: int = 0  # model forward calls spent
+    stopped: bool = False  # a stop token was emitted (it is included in tokens)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    """One sequence's KV cache. Not thread-safe; one session per request."""
+
+    def __init__(self, lm: LoadedLM) -> None:
+        self.lm = lm
+        self.ids: list[int] = []  # tokens whose K/V are in the cache, in order
+        self._cache: DynamicCache | None = None
+        self._last: torch.Tensor | None = None  # [vocab] logits after self.ids
+        self.forwards = 0
+        self.fed_tokens = 0  # tokens pushed through the model (prefill + decode)
+
+    def reset(self) -> None:
+        self.ids, self._cache, self._last = [], None, None
+
+    @torch.inference_mode()
+    def logits_after(self, seq: Sequence[int], reuse: bool = True) -> torch.Tensor:
+        """Next-token logits [vocab] (float32, on CPU) after `seq`, leaving the cache holding exactly `seq`."""
+        if not seq:
+            raise ValueError("cannot run the LM on an empty sequence")
+        keep = _common_prefix(self.ids, seq) if reuse and self._cache is not None else 0
+        if keep == len(seq) == len(self.ids) and self._last is not None:
+            return self._last
+        keep = min(keep, len(seq) - 1)  # the last token must be fed to get its logits
+        if keep == 0:
+            self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[attr-defined]
+        elif keep < len(self.ids):
+            self._cache.crop(keep - len(self.ids))  # type: ignore[union-attr]  # negative: drop the tail
+        new = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.lm.device)  # [1, n]
+        pos = torch.arange(keep, len(seq), device=self.lm.device).unsqueeze(0)  # [1, n]
+        out = self.lm.model(input_ids=new, past_key_values=self._cache, position_ids=pos, use_cache=True,
+                            logits_to_keep=1)
+        self._cache = out.past_key_values
+        self.ids = list(seq)
+        self._last = out.logits[0, -1].float().cpu()
+        self.forwards += 1
+        self.fed_tokens += new.shape[1]
+        return self._last
+
+    def greedy(self, seq: Sequence[int], n: int, stop: frozenset[int], reuse: bool = True) -> Emitted:
+        """Up to n greedy tokens after `seq`; stops after emitting a stop token. Only the first forward may
+        re-prefill (reuse=False); the tokens inside the run always extend the cache."""
+        out = Emitted()
+        ctx = list(seq)
+        before = self.forwards
+        logits = self.logits_after(ctx, reuse=reuse)
+        for i in range(n):
+            top = torch.topk(logits, 2)
+            tok = int(top.indices[0])
+            out.tokens.append(tok)
+            out.gaps.append(float(top.values[0] - top.values[1]))
+            if tok in stop:
+                out.stopped = True
+                break
+            ctx.append(tok)
+            if i + 1 < n:  # the last token is fed lazily, by whoever continues this sequence
+                logits = self.logits_after(ctx)
+        out.forwards = self.forwards - before
+        return out

@@ -1,0 +1,44 @@
+"""The `ralmspec` CLI as a user runs it (subprocesses, real assets)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+QUESTION = "Who were special guests for the Super Bowl halftime show?"
+
+
+def ralmspec(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "RALMSPEC_PROFILE": "tiny"})
+
+
+@pytest.mark.slow
+def test_ask_prints_answer_passages_and_time_split():
+    p = ralmspec("ask", QUESTION, "--retriever", "sparse")
+    assert p.returncode == 0, p.stderr
+    assert "answer:" in p.stdout and "passages (sparse" in p.stdout and "retrieval" in p.stdout
+    assert "Super Bowl 50" in p.stdout  # the title of the passage used
+
+
+@pytest.mark.slow
+def test_ask_is_deterministic_across_processes():
+    runs = [json.loads(ralmspec("ask", QUESTION, "--json", "--max-new-tokens", "16").stdout)
+            for _ in range(2)]
+    assert runs[0]["tokens"] == runs[1]["tokens"] and runs[0]["passages"] == runs[1]["passages"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ask", "   "], "question is empty"),
+    (["ask", "x", "--retriever", "bogus"], "invalid choice: 'bogus'"),
+    (["ask", "x", "--stride", "0"], "stride must be positive"),
+    (["ask", "word " * 1900], "characters long"),
+    (["ask", "Who?", "--max-new-tokens", "1900"], "over the limit"),
+])
+def test_bad_input_exits_2_with_a_message_not_a_traceback(args, message):
+    p = ralmspec(*args)
+    assert p.returncode == 2
+    assert message in p.stderr and "Traceback" not in p.stderr
