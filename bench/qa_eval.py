@@ -1,6 +1,6 @@
 """QA exact match / F1 of iterative RaLM on SQuAD v1.1 dev questions: no retrieval vs each retriever.
 
-    python bench/qa_eval.py --profile default --questions 200
+    python -m bench.qa_eval --profile default --questions 200
 """
 
 from __future__ import annotations

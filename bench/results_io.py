@@ -23,7 +23,8 @@ def provenance() -> dict:
     import torch
 
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["python -m", Path(sys.argv[0]).with_suffix("").name, *sys.argv[1:]])
+        if Path(sys.argv[0]).parent == Path(__file__).parent else " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_revision": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -49,7 +50,7 @@ def write(name: str, payload: dict, columns: list[str], title: str, notes: str =
     md = [f"# {title}", "", markdown_table(payload["rows"], columns), ""]
     if notes:
         md += [notes, ""]
-    md += [f"`{payload['command']}` at {payload['git_revision']}, {payload['date']}, "
+    md += [f"`{payload['command'].replace('-m ', '-m bench.')}` at {payload['git_revision']}, {payload['date']}, "
            f"{payload['machine']['cores']} cores, torch {payload['machine']['torch']}", ""]
     (RESULTS / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))

@@ -42,3 +42,12 @@ def test_bad_input_exits_2_with_a_message_not_a_traceback(args, message):
     p = ralmspec(*args)
     assert p.returncode == 2
     assert message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_assets_is_idempotent_and_prints_the_table():
+    p = ralmspec("assets", "--profile", "tiny")  # already built by `make test`: every step is skipped
+    assert p.returncode == 0, p.stderr
+    assert "profile tiny: 2600 passages" in p.stdout
+    for step in ("embeddings", "faiss_flat", "faiss_hnsw", "faiss_ivf", "lucene"):
+        assert step in p.stdout
+    assert "encoding" not in p.stdout and "building" not in p.stdout

@@ -68,6 +68,8 @@ class RalmEngine:
         self.stop_ids = frozenset(t for t in [self.tok.eos_token_id] if t is not None)  # type: ignore
         self.newline_ids = _newline_ids(self.tok)
         self._sep = self.encode("\n\n")
+        # BOS (Gemma needs it; SmolLM2 adds none) starts every sequence, before the document.
+        self.bos: list[int] = list(self.tok("", add_special_tokens=True).input_ids)  # type: ignore[operator]
 
     def encode(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False).input_ids)  # type: ignore[operator]
@@ -91,7 +93,7 @@ class RalmEngine:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
         limit = min(cfg.max_input_tokens, self.lm.max_positions)
-        need = len(prompt_ids) + cfg.doc_tokens + cfg.max_new_tokens
+        need = len(self.bos) + len(prompt_ids) + cfg.doc_tokens + cfg.max_new_tokens
         if need > limit:
             raise InvalidRequest(
                 f"the prompt is {len(prompt_ids)} tokens; with a {cfg.doc_tokens}-token document and "
@@ -118,7 +120,7 @@ class RalmEngine:
         f0 = sess.forwards
         if cfg.mode == "no-retrieval":
             t = time.perf_counter()
-            e = sess.greedy(prompt_ids, cfg.max_new_tokens, stops)
+            e = sess.greedy(self.bos + prompt_ids, cfg.max_new_tokens, stops)
             res.lm_s += time.perf_counter() - t
             res.tokens, res.gaps = e.tokens, e.gaps
         while cfg.mode != "no-retrieval" and len(res.tokens) < cfg.max_new_tokens:
@@ -140,7 +142,7 @@ class RalmEngine:
             # 2) decode one stride with that document in front
             t = time.perf_counter()
             n = min(cfg.stride, cfg.max_new_tokens - len(res.tokens))
-            e = sess.greedy(list(self.doc_ids(pid, cfg.doc_tokens)) + ctx, n, stops,
+            e = sess.greedy(self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + ctx, n, stops,
                             reuse=cfg.mode != "paper")
             res.lm_s += time.perf_counter() - t
             res.tokens += e.tokens

@@ -22,7 +22,7 @@ class GatewaySettings:
     def from_env(cls, **overrides: object) -> GatewaySettings:
         s = cls(profile=env.PROFILE.get(), model=env.MODEL.get(), device=env.DEVICE.get(),
                 dtype=env.DTYPE.get(), threads=int(env.THREADS.get()), data=env.data_dir())
-        return replace(s, **{k: v for k, v in overrides.items() if v is not None})
+        return replace(s, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
     @property
     def layout(self) -> Layout:

@@ -44,6 +44,9 @@ class Session:
         self._last: torch.Tensor | None = None  # [vocab] logits after self.ids
         self.forwards = 0
         self.fed_tokens = 0  # tokens pushed through the model (prefill + decode)
+        # Sliding-window layers (Gemma 3) keep only the last `window` positions: past that, a crop cannot
+        # restore what was evicted, so a rollback re-prefills instead.
+        self._window: int | None = getattr(lm.model.config, "sliding_window", None)  # type: ignore[attr-defined]
 
     def reset(self) -> None:
         self.ids, self._cache, self._last = [], None, None
@@ -57,8 +60,10 @@ class Session:
         if keep == len(seq) == len(self.ids) and self._last is not None:
             return self._last
         keep = min(keep, len(seq) - 1)  # the last token must be fed to get its logits
+        if keep < len(self.ids) and self._window is not None and len(self.ids) > self._window:
+            keep = 0
         if keep == 0:
-            self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[attr-defined]
+            self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[arg-type]
         elif keep < len(self.ids):
             self._cache.crop(keep - len(self.ids))  # type: ignore[union-attr]  # negative: drop the tail
         new = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.lm.device)  # [1, n]

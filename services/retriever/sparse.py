@@ -319,7 +319,7 @@ class SparseRetriever:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def search(self, queries: list[str], k: int) -> list[list[Hit]]:
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         """Top-k hits per query, score descending then passage id ascending; [] for a stopword-only query."""
         check_search(queries, k)
         # One query at a time on the calling thread: on 2 shared cores a Java thread pool adds contention.

@@ -1,0 +1,66 @@
+"""OS³ with the worked examples of anchors.md (pure logic)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.gateway.os3 import OS3, OS3Config, expected_verified, optimal_stride, round_latency
+
+
+@pytest.mark.parametrize("gamma,want", [(0.3, 3), (0.6, 6)])
+def test_expensive_verification_wants_longer_strides(gamma, want):
+    assert optimal_stride(a=0.1, b=4.3, gamma=gamma) == want
+
+
+def test_cheap_verification_wants_stride_one():
+    assert optimal_stride(a=0.1, b=0.03, gamma=0.6) == 1
+    assert optimal_stride(a=0.1, b=0.03, gamma=0.6, asynchronous=True) == 1
+
+
+def test_expected_verified_is_the_geometric_sum():
+    assert expected_verified(1, 0.5) == 1.0
+    assert expected_verified(3, 0.5) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_verified(4, 1.0) == 4.0
+
+
+def test_async_round_hides_verification_when_all_guesses_hit():
+    # γ = 1: every round overlaps verification with the next step: (s-1)·a + max(a, b)
+    assert round_latency(3, a=0.1, b=0.05, gamma=1.0, asynchronous=True) == pytest.approx(0.3)
+    assert round_latency(3, a=0.1, b=0.05, gamma=0.0, asynchronous=True) == pytest.approx(0.35)
+    assert round_latency(3, a=0.1, b=0.05, gamma=0.5, asynchronous=False) == pytest.approx(0.35)
+
+
+@given(st.floats(0.001, 1.0), st.floats(0.001, 10.0), st.floats(0.0, 0.95), st.booleans())
+def test_chosen_stride_is_a_local_maximum(a, b, gamma, asynchronous):
+    s = optimal_stride(a, b, gamma, asynchronous, max_stride=64)
+
+    def value(x: int) -> float:
+        return expected_verified(x, gamma) / round_latency(x, a, b, gamma, asynchronous)
+
+    assert 1 <= s <= 64
+    assert s == 1 or value(s) > value(s - 1)
+    assert s == 64 or value(s + 1) <= value(s)
+
+
+def test_online_gamma_over_a_window_with_cap():
+    os3 = OS3(OS3Config(window=5, gamma_cap=0.6))
+    assert os3.gamma == 0.0 and os3.next_stride() == 3  # nothing observed yet: the initial stride
+    for _ in range(5):
+        os3.observe_round(stride=4, matched=1)  # ΣM = 5, 5 rounds with M < s
+    assert os3.gamma == pytest.approx(0.5)
+    for _ in range(5):
+        os3.observe_round(stride=4, matched=4)  # all hit: raw γ = 1, capped
+    assert os3.gamma == 0.6
+
+
+def test_online_stride_follows_measured_latencies():
+    os3 = OS3(OS3Config(gamma_cap=0.6))
+    for _ in range(5):
+        os3.observe_round(4, 4)
+    os3.observe_speculation(0.1)
+    os3.observe_verification(4.3)
+    assert os3.next_stride() == 6
+    with pytest.raises(ValueError):
+        os3.observe_round(2, 3)
