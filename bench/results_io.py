@@ -13,6 +13,12 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _command() -> str:
+    script = Path(sys.argv[0])
+    head = f"python -m bench.{script.stem}" if script.parent == Path(__file__).parent else f"python {script}"
+    return " ".join([head, *sys.argv[1:]])
+
+
 def provenance() -> dict:
     def git(*args: str) -> str:
         try:
@@ -23,8 +29,7 @@ def provenance() -> dict:
     import torch
 
     return {
-        "command": " ".join(["python -m", Path(sys.argv[0]).with_suffix("").name, *sys.argv[1:]])
-        if Path(sys.argv[0]).parent == Path(__file__).parent else " ".join(sys.argv),
+        "command": _command(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_revision": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -50,7 +55,7 @@ def write(name: str, payload: dict, columns: list[str], title: str, notes: str =
     md = [f"# {title}", "", markdown_table(payload["rows"], columns), ""]
     if notes:
         md += [notes, ""]
-    md += [f"`{payload['command'].replace('-m ', '-m bench.')}` at {payload['git_revision']}, {payload['date']}, "
+    md += [f"`{payload['command']}` at {payload['git_revision']}, {payload['date']}, "
            f"{payload['machine']['cores']} cores, torch {payload['machine']['torch']}", ""]
     (RESULTS / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
