@@ -36,12 +36,17 @@ def _ask(args: argparse.Namespace) -> int:
     cfg.validate()
     settings = GatewaySettings.from_env(profile=args.profile, model=args.model)
     engine = open_engine(settings, [retriever] if retriever else [])
-    res = engine.generate(prompt, cfg, retriever or "exact")
+    if args.speculate and retriever:
+        from services.gateway.ralmspec import PRESETS, SpeculativeRalm
+
+        res = SpeculativeRalm(engine).generate(prompt, cfg, PRESETS[args.speculate], retriever)
+    else:
+        res = engine.generate(prompt, cfg, retriever or "exact")
     used = list(dict.fromkeys(res.doc_ids))
     if args.json:
         print(json.dumps({"answer": res.text, "tokens": res.tokens, "passages": [
             {"id": p, "title": engine.docs.get(p).title} for p in used],
-            "retrieval_s": res.retrieval_s, "lm_s": res.lm_s, "total_s": res.total_s}))
+            "retrieval_s": res.retrieval_s, "lm_s": res.lm_s, "total_s": res.total_s, "stats": res.stats}))
         return 0
     print(f"answer: {res.text}")
     print(f"passages ({retriever or 'no retrieval'}, {res.retrievals} retrievals):")
@@ -49,6 +54,10 @@ def _ask(args: argparse.Namespace) -> int:
         print(f"  [{p}] {engine.docs.get(p).title or '(untitled)'}: {engine.docs.get(p).text[:80]}...")
     print(f"time: retrieval {res.retrieval_s * 1e3:.0f} ms, LM {res.lm_s * 1e3:.0f} ms, "
           f"total {res.total_s * 1e3:.0f} ms")
+    if "spec_accuracy" in res.stats:
+        s = res.stats
+        print(f"speculation: accuracy {s['spec_accuracy']:.2f}, {s['rounds']} verifications, "
+              f"mean stride {s['mean_stride']:.1f}, {s['rollbacks']} rollbacks")
     return 0
 
 
@@ -63,6 +72,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("question")
     q.add_argument("--retriever", choices=["exact", "approx", "sparse", "none"], default="exact")
     q.add_argument("--mode", choices=["kv-reuse", "paper"], default="kv-reuse")
+    q.add_argument("--speculate", choices=["ralmspec", "+P", "+S", "+A", "+PSA"], default=None,
+                   help="speculative retrieval (same tokens as the baseline): the paper's ablation switches")
     q.add_argument("--profile", choices=PROFILES, default=None)
     q.add_argument("--model", default=None)
     q.add_argument("--stride", type=int, default=4)

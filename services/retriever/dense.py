@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 
 from services.common.errors import InvalidRequest, Unavailable
-from services.retriever.types import Hit
+from services.retriever.types import Hit, top_k
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,17 @@ def rescore(vectors: np.ndarray, query: np.ndarray, candidates: np.ndarray, k: i
     or in a batch); re-scoring in float64 makes a query's ranking independent of its batch, and the
     speculation cache scores with this same function, so cache and index agree on every tie."""
     cand = np.unique(candidates[candidates >= 0])
-    scores = vectors[cand].astype(np.float64) @ query.astype(np.float64)  # [c]
-    order = np.lexsort((cand, -scores))[:k]
-    return [Hit(float(scores[i]), int(cand[i])) for i in order]
+    return top_k(cand.tolist(), exact_scores(vectors, query, cand).tolist(), k)
+
+
+def exact_scores(vectors: np.ndarray, query: np.ndarray, pids: np.ndarray) -> np.ndarray:
+    """float64 inner products [len(pids)] of one query with the stored rows: the dense scoring function.
+
+    Each float32 x float32 product is exact in float64, and numpy sums each contiguous row the same way
+    whatever the number of rows, so a passage's score never depends on which other passages are scored
+    with it (a BLAS matrix-vector product gives no such promise): the index and the cache agree bit for bit."""
+    rows = np.ascontiguousarray(vectors[pids], dtype=np.float64)  # [c, d]
+    return (rows * query.astype(np.float64)).sum(axis=1)
 
 
 class DenseIndex:

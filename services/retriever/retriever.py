@@ -4,34 +4,63 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from services.common.errors import InvalidRequest
 from services.common.layout import Layout
-from services.retriever.dense import DenseIndex, DenseParams, configure, load_index
+from services.retriever.dense import DenseIndex, DenseParams, configure, exact_scores, load_index
 from services.retriever.encoder import Encoder
 from services.retriever.types import Hit, check_search
 
 RETRIEVERS = ("exact", "approx", "sparse")
 
 
+QueryKey = Any  # what a retriever scores a query by: a float32 [d] vector (dense) or the query text (sparse)
+
+
 class Retriever(Protocol):
+    """`search` is `search_embedded(embed(...))`, so the baseline, speculation and verification share one
+    scoring path: speculation embeds a query once, scores it against its cache with `score`, and
+    verification searches the index with that same key."""
+
     name: str
 
-    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
-        """Top-k passages per query, best first; ties by ascending passage id."""
+    def embed(self, queries: Sequence[str]) -> list[QueryKey]:
+        """One key per query, each independent of the others in the batch."""
         ...
+
+    def search_embedded(self, keys: Sequence[QueryKey], k: int) -> list[list[Hit]]:
+        """Top-k passages per key, best first; ties by ascending passage id."""
+        ...
+
+    def score(self, key: QueryKey, pids: Sequence[int]) -> list[float]:
+        """This retriever's exact score of each given passage: what `search_embedded` ranks by."""
+        ...
+
+    def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]: ...
 
 
 class DenseRetriever:
     def __init__(self, name: str, encoder: Encoder, index: DenseIndex) -> None:
         self.name, self.encoder, self.index = name, encoder, index
 
+    def embed(self, queries: Sequence[str]) -> list[QueryKey]:
+        check_search(queries, 1)
+        return list(self.encoder.encode_queries(queries))
+
+    def search_embedded(self, keys: Sequence[QueryKey], k: int) -> list[list[Hit]]:
+        if not len(keys):
+            raise InvalidRequest("no queries given")
+        return self.index.search_vectors(np.stack(keys), k)
+
+    def score(self, key: QueryKey, pids: Sequence[int]) -> list[float]:
+        return exact_scores(self.index.vectors, key, np.asarray(pids, dtype=np.int64)).tolist()
+
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         check_search(queries, k)
-        return self.index.search_vectors(self.encoder.encode_queries(queries), k)
+        return self.search_embedded(self.embed(queries), k)
 
 
 @dataclass(frozen=True)

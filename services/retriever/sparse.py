@@ -325,6 +325,17 @@ class SparseRetriever:
         # One query at a time on the calling thread: on 2 shared cores a Java thread pool adds contention.
         return [self._search_one(q, k) for q in queries]
 
+    def embed(self, queries: Sequence[str]) -> list[str]:
+        """BM25 scores a query by its text: the key is the text itself."""
+        check_search(queries, 1)
+        return list(queries)
+
+    def search_embedded(self, keys: Sequence[str], k: int) -> list[list[Hit]]:
+        return self.search(keys, k)
+
+    def score(self, key: str, pids: Sequence[int]) -> list[float]:
+        return self.score_documents(key, list(pids))
+
     def _search_one(self, query: str, k: int) -> list[Hit]:
         lucene_query = self._query_generator.buildQuery(FIELD, self._analyzer, query)
         # Lucene breaks score ties by its internal docid; to break them by passage id instead, fetch until the

@@ -14,6 +14,12 @@ class Hit:
     pid: int
 
 
+def top_k(pids: Sequence[int], scores: Sequence[float], k: int) -> list[Hit]:
+    """The ranking rule every retriever and the speculation cache share: score descending, then passage id."""
+    order = sorted(range(len(pids)), key=lambda i: (-scores[i], pids[i]))[:k]
+    return [Hit(float(scores[i]), int(pids[i])) for i in order]
+
+
 def check_search(queries: Sequence[str], k: int) -> None:
     """The input rules every retriever enforces, with messages written for a person."""
     if k <= 0:

@@ -1,0 +1,145 @@
+"""RaLMSpec's Table 1 on this machine: baselines vs speculative retrieval (+P, +S, +A, +PSA) vs lm-only.
+
+    python -m bench.ralmspec --profile large --questions 3
+
+Every method runs the same requests (SQuAD dev questions, 128 new tokens, no newline stop, stride 4,
+query = last 32 tokens, top-1 document); outputs are checked equal to the kv-reuse baseline's. Also a
+scaling run: the exact retriever over flat indexes of the first N real passages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+
+import numpy as np
+
+from bench.results_io import RESULTS, write
+from services.common.equivalence import compare
+from services.gateway.inprocess import open_engine
+from services.gateway.prompts import qa_prompt
+from services.gateway.ralm import RalmConfig, RalmEngine, RalmResult
+from services.gateway.ralmspec import PRESETS, SpeculativeRalm
+from services.gateway.settings import GatewaySettings
+from services.retriever.corpus import read_questions
+from services.retriever.dense import DenseIndex, build_index
+from services.retriever.retriever import DenseRetriever
+
+METHODS = ["baseline-paper", "baseline-kv", *PRESETS, "lm-only"]
+
+
+def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], retriever: str,
+                cfg: RalmConfig, methods: list[str]) -> list[dict]:
+    runs: dict[str, list[RalmResult]] = {}
+    runs["baseline-kv"] = [engine.generate(p, cfg, retriever) for p in prompts]
+    for m in methods:
+        if m == "baseline-paper":
+            runs[m] = [engine.generate(p, RalmConfig(**{**cfg.__dict__, "mode": "paper"}), retriever) for p in prompts]
+        elif m == "lm-only":
+            lm_cfg = RalmConfig(**{**cfg.__dict__, "mode": "lm-only"})
+            runs[m] = [engine.generate(p, lm_cfg, schedule=b.doc_ids) for p, b in zip(prompts, runs["baseline-kv"])]
+        elif m in PRESETS:
+            runs[m] = [spec.generate(p, cfg, PRESETS[m], retriever) for p in prompts]
+    mean: Callable[[str], float] = lambda m: statistics.mean(r.total_s for r in runs[m])  # noqa: E731
+    t_paper, t_kv, t_lm = mean("baseline-paper"), mean("baseline-kv"), mean("lm-only")
+    rows = []
+    for m in methods:
+        rs, base = runs[m], runs["baseline-kv"]
+        verdicts = [compare(b.tokens, b.gaps, r.tokens, r.gaps) for b, r in zip(base, rs)]
+        t = mean(m)
+        spec_acc = [r.stats["spec_accuracy"] for r in rs if "spec_accuracy" in r.stats]
+        rows.append({
+            "retriever": retriever, "method": m, "latency_s": t,
+            "speedup_vs_paper": t_paper / t, "speedup_vs_kv": t_kv / t, "over_lm_only": t / t_lm,
+            "captured": (t_kv - t) / (t_kv - t_lm) if t_kv > t_lm else float("nan"),
+            "captured_vs_paper": (t_paper - t) / (t_paper - t_lm) if t_paper > t_lm else float("nan"),
+            "spec_accuracy": statistics.mean(spec_acc) if spec_acc else None,
+            "mean_stride": statistics.mean(r.stats["mean_stride"] for r in rs) if spec_acc else None,
+            "retrieval_calls": statistics.mean(r.stats.get("verify_calls", r.retrievals) for r in rs),
+            "retrieval_s": statistics.mean(r.retrieval_s for r in rs), "lm_s": statistics.mean(r.lm_s for r in rs),
+            "identical": all(v.identical for v in verdicts),
+            "near_ties": sum(v.near_tie for v in verdicts), "mismatches": sum(not v.ok for v in verdicts),
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def scaling(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], cfg: RalmConfig,
+            sizes: list[int]) -> list[dict]:
+    """Speedup of +PSA over both baselines with the exact retriever on the first N real passages."""
+    exact = engine.retrievers["exact"]
+    assert isinstance(exact, DenseRetriever)
+    vectors = exact.index.vectors
+    out = []
+    for n in sizes:
+        n = min(n, len(vectors))
+        sub = np.ascontiguousarray(vectors[:n])
+        index = DenseIndex(build_index("flat", sub), "flat", sub)
+        engine.retrievers["scaled"] = DenseRetriever("scaled", exact.encoder, index)
+        methods = ["baseline-paper", "baseline-kv", "+PSA", "lm-only"]
+        rows = run_methods(engine, spec, prompts, "scaled", cfg, methods)
+        psa = next(r for r in rows if r["method"] == "+PSA")
+        kv = next(r for r in rows if r["method"] == "baseline-kv")
+        out.append({"passages": n, "speedup_vs_paper": psa["speedup_vs_paper"], "speedup_vs_kv": psa["speedup_vs_kv"],
+                    "captured": psa["captured"], "baseline_kv_retrieval_s": kv["retrieval_s"],
+                    "identical": psa["identical"]})
+        print(out[-1], flush=True)
+    del engine.retrievers["scaled"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="large")
+    ap.add_argument("--questions", type=int, default=3)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--retrievers", nargs="+", default=["exact", "approx", "sparse"])
+    ap.add_argument("--scaling", nargs="*", type=int, default=[10000, 30000, 10**9])
+    ap.add_argument("--name", default="ralmspec")
+    args = ap.parse_args()
+    settings = GatewaySettings.from_env(profile=args.profile)
+    engine = open_engine(settings)
+    spec = SpeculativeRalm(engine)
+    questions = read_questions(settings.layout.questions)
+    prompts = [qa_prompt(q.question) for q in questions[11 :: len(questions) // args.questions][: args.questions]]
+    cfg = RalmConfig(max_new_tokens=args.max_new_tokens, stop_at_newline=False)
+    engine.generate(prompts[0], RalmConfig(max_new_tokens=8), "exact")  # warm up
+    rows = []
+    for r in args.retrievers:
+        rows += run_methods(engine, spec, prompts, r, cfg, METHODS)
+    scale = scaling(engine, spec, prompts, cfg, args.scaling) if args.scaling else []
+    write(args.name, {"passages": len(engine.docs), "profile": args.profile, "questions": len(prompts),
+                      "max_new_tokens": args.max_new_tokens, "rows": rows, "scaling": scale},
+          ["retriever", "method", "latency_s", "speedup_vs_paper", "speedup_vs_kv", "over_lm_only", "captured",
+           "spec_accuracy", "mean_stride", "retrieval_calls", "retrieval_s", "lm_s", "identical"],
+          f"RaLMSpec on this machine ({args.profile}: {len(engine.docs)} passages, {len(prompts)} requests "
+          f"x {args.max_new_tokens} tokens)",
+          "Scaling (exact retriever, +PSA):\n\n" + "\n".join(
+              f"- {s['passages']} passages: {s['speedup_vs_paper']:.2f}x vs paper, {s['speedup_vs_kv']:.2f}x vs kv, "
+              f"captured {s['captured']:.2f}, identical {s['identical']}" for s in scale))
+    chart(rows, args.name)
+
+
+def chart(rows: list[dict], name: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart")
+        return
+    retrievers = list(dict.fromkeys(r["retriever"] for r in rows))
+    fig, axes = plt.subplots(1, len(retrievers), figsize=(5 * len(retrievers), 4), squeeze=False)
+    for ax, ret in zip(axes[0], retrievers):
+        rs = [r for r in rows if r["retriever"] == ret]
+        ax.bar([r["method"] for r in rs], [r["latency_s"] for r in rs], color="tab:blue")
+        ax.set_title(f"{ret}: latency per request (s)")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""RaLMSpec: speculative retrieval with batched verification, prefetch, OS³ and asynchronous verification.
+
+The emitted tokens equal the baseline iterative RaLM's (`ralm.py`, kv-reuse): each step's query is formed
+from the context at its start, and a step is kept only when every step before it guessed the true document,
+so a kept step saw exactly the baseline's context and document.
+
+One round:
+  1) speculate: s steps, each = query -> cache top-1 (the guess) -> decode one retrieval stride with it;
+  2) verify: one batched search of the s query keys on the real index; cache the verified passages;
+  3) first mismatch at step j: keep steps < j, redo step j with the true document, drop the rest
+     (the KV cache is cropped to the kept prefix, not rebuilt).
+Asynchronous: round r+1 is speculated while round r is verified on a worker thread (FAISS, Lucene and torch
+release the GIL); a failed verification of round r discards round r+1, which was built on a wrong guess.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.errors import InvalidRequest
+from services.datastore.speculation_cache import SpeculationCache
+from services.gateway.os3 import OS3, OS3Config
+from services.gateway.prefetch import PrefetchPolicy
+from services.gateway.ralm import NO_DOC, RalmConfig, RalmEngine, RalmResult
+from services.lm.decoder import Session
+from services.retriever.retriever import Retriever
+from services.retriever.types import Hit
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    stride: int = 3  # fixed speculation stride s (steps per verification) when OS³ is off (the paper's 3)
+    prefetch: bool = False  # +P
+    prefetch_k: int = 20
+    os3: bool = False  # +S
+    asynchronous: bool = False  # +A
+    gamma_cap: float = 0.6
+    gamma_window: int = 5
+    max_stride: int = 16
+
+    def validate(self) -> None:
+        if not 1 <= self.stride <= self.max_stride:
+            raise InvalidRequest(f"speculation stride must be in 1..{self.max_stride}, got {self.stride}")
+        if self.prefetch_k <= 0:
+            raise InvalidRequest(f"prefetch k must be positive, got {self.prefetch_k}")
+        if not 0.0 < self.gamma_cap < 1.0:
+            raise InvalidRequest(f"gamma cap must be in (0, 1), got {self.gamma_cap}")
+
+
+PRESETS: dict[str, SpecConfig] = {  # the paper's ablation
+    "ralmspec": SpecConfig(),
+    "+P": SpecConfig(prefetch=True),
+    "+S": SpecConfig(os3=True),
+    "+A": SpecConfig(asynchronous=True),
+    "+PSA": SpecConfig(prefetch=True, os3=True, asynchronous=True),
+}
+
+
+@dataclass
+class _Step:
+    start: int  # len(generated) when the step began
+    key: Any  # the query key (dense vector or BM25 text)
+    pid: int  # the document the step decoded with (a guess until verified)
+
+
+@dataclass
+class _Verdict:
+    hits: list[list[Hit]]
+    seconds: float
+
+
+@dataclass
+class _State:
+    """Everything decoded so far; verified or not. Truncating it is the rollback."""
+
+    tokens: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    steps: list[_Step] = field(default_factory=list)
+
+    def truncate(self, step: _Step) -> None:
+        """Drop `step` and everything after it."""
+        self.tokens, self.gaps = self.tokens[: step.start], self.gaps[: step.start]
+        self.steps = [s for s in self.steps if s.start < step.start]
+
+
+class SpeculativeRalm:
+    def __init__(self, engine: RalmEngine) -> None:
+        self.engine = engine
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+
+    def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
+                 session: Session | None = None) -> RalmResult:
+        cfg.validate()
+        spec.validate()
+        eng = self.engine
+        t0 = time.perf_counter()
+        prompt_ids = eng.encode(prompt)
+        eng.check_prompt(prompt_ids, cfg)
+        ret = eng.retriever(retriever)
+        run = _Run(eng, ret, prompt_ids, cfg, spec, session or Session(eng.lm), self._pool)
+        res = run.execute()
+        res.total_s = time.perf_counter() - t0
+        return res
+
+
+class _Run:
+    """One request's speculative decoding (state + timers); `execute` is the round loop."""
+
+    def __init__(self, eng: RalmEngine, ret: Retriever, prompt_ids: list[int], cfg: RalmConfig,
+                 spec: SpecConfig, session: Session, pool: ThreadPoolExecutor) -> None:
+        self.eng, self.ret, self.prompt_ids, self.cfg, self.spec = eng, ret, prompt_ids, cfg, spec
+        self.session, self.pool = session, pool
+        self.stops = eng.stops(cfg)
+        self.cache = SpeculationCache(ret.score)
+        self.prefetch = PrefetchPolicy(spec.prefetch, spec.prefetch_k)
+        self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap, max_stride=spec.max_stride,
+                                 initial_stride=spec.stride, asynchronous=spec.asynchronous))
+        self.state = _State()
+        self.res = RalmResult([], "", [], [])
+        self.speculated = self.matched = self.rounds = self.rollbacks = 0
+        self.strides: list[int] = []
+        self.spec_s = 0.0  # query embedding + cache lookup of speculation steps
+        self.forwards0 = session.forwards
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        t = self.state.tokens
+        return len(t) >= self.cfg.max_new_tokens or (bool(t) and t[-1] in self.stops)
+
+    def key(self) -> Any:
+        """The key of the query formed from the context so far."""
+        return self.ret.embed([self.eng.query(self.prompt_ids + self.state.tokens, self.cfg)])[0]
+
+    def decode(self, key: Any, pid: int) -> _Step:
+        """Decode one retrieval stride with document `pid` in front of the context."""
+        st = self.state
+        step = _Step(len(st.tokens), key, pid)
+        n = min(self.cfg.stride, self.cfg.max_new_tokens - len(st.tokens))
+        seq = self.eng.bos + list(self.eng.doc_ids(pid, self.cfg.doc_tokens)) + self.prompt_ids + st.tokens
+        t = time.perf_counter()
+        e = self.session.greedy(seq, n, self.stops)
+        self.res.lm_s += time.perf_counter() - t
+        st.tokens += e.tokens
+        st.gaps += e.gaps
+        st.steps.append(step)
+        return step
+
+    def speculate(self, s: int) -> list[_Step]:
+        steps: list[_Step] = []
+        while len(steps) < s and not self.done():
+            t = time.perf_counter()
+            key = self.key()
+            hit = self.cache.lookup(key)
+            self.spec_s += time.perf_counter() - t
+            steps.append(self.decode(key, hit[0].pid if hit else NO_DOC))
+            self.os3.observe_speculation(time.perf_counter() - t)
+        return steps
+
+    def verify(self, keys: list[Any]) -> _Verdict:
+        t = time.perf_counter()
+        hits = self.ret.search_embedded(keys, self.prefetch.depth)
+        return _Verdict(hits, time.perf_counter() - t)
+
+    def settle(self, steps: list[_Step], verdict: _Verdict) -> _Step | None:
+        """Apply a verification: cache the verified passages, count, and return the first wrong step
+        (already redone with its true document), or None when every guess was right."""
+        true = [row[0].pid if row else NO_DOC for row in verdict.hits]
+        bad = next((j for j, (s, p) in enumerate(zip(steps, true)) if s.pid != p), None)
+        verified = len(steps) if bad is None else bad + 1  # queries after a mismatch were built on a wrong guess
+        self.cache.insert(self.prefetch.passages(verdict.hits[:verified]))
+        self.res.retrievals += len(steps)
+        self.res.stats["verify_calls"] = self.res.stats.get("verify_calls", 0) + 1
+        self.os3.observe_verification(verdict.seconds)
+        matched = len(steps) if bad is None else bad
+        self.os3.observe_round(len(steps), matched)
+        self.speculated += len(steps)
+        self.matched += matched
+        self.rounds += 1
+        self.strides.append(len(steps))
+        if bad is None:
+            return None
+        self.rollbacks += 1
+        wrong = steps[bad]
+        self.state.truncate(wrong)
+        return self.decode(wrong.key, true[bad])
+
+    # -- the round loop --------------------------------------------------------------------------------
+    def execute(self) -> RalmResult:
+        # 0) the first step retrieves for real (the cache is empty), prefetching its top-k
+        t = time.perf_counter()
+        key = self.key()
+        first = self.ret.search_embedded([key], self.prefetch.depth)
+        self.res.retrieval_s += time.perf_counter() - t
+        self.res.retrievals += 1
+        self.cache.insert(self.prefetch.passages(first))
+        self.decode(key, first[0][0].pid if first[0] else NO_DOC)
+        pending: tuple[list[_Step], Future[_Verdict]] | None = None
+        while True:
+            # 1) speculate a round (async: on top of the round still being verified)
+            steps = [] if self.done() else self.speculate(self.os3.next_stride() if self.spec.os3 else self.spec.stride)
+            if not self.spec.asynchronous:
+                if not steps:
+                    break
+                t = time.perf_counter()
+                verdict = self.verify([s.key for s in steps])
+                self.res.retrieval_s += time.perf_counter() - t
+                self.settle(steps, verdict)  # 2) + 3)
+                continue
+            if pending is not None:
+                prev, future = pending
+                pending = None
+                t = time.perf_counter()
+                verdict = future.result()
+                self.res.retrieval_s += time.perf_counter() - t  # only the wait is on the critical path
+                if self.settle(prev, verdict) is not None:
+                    continue  # this round was built on a wrong guess: settle() dropped it
+            if steps:
+                pending = (steps, self.pool.submit(self.verify, [s.key for s in steps]))
+            elif pending is None:
+                break
+        return self.finish()
+
+    def finish(self) -> RalmResult:
+        res, st = self.res, self.state
+        res.tokens, res.gaps = st.tokens, st.gaps
+        res.doc_ids = [s.pid for s in st.steps]
+        res.lm_forwards = self.session.forwards - self.forwards0
+        text = self.eng.decode(res.tokens)
+        res.text = text.split("\n")[0].strip() if self.cfg.stop_at_newline else text
+        res.stats.update(spec_accuracy=self.matched / self.speculated if self.speculated else 1.0,
+                         speculated=self.speculated, matched=self.matched, rounds=self.rounds,
+                         rollbacks=self.rollbacks, mean_stride=sum(self.strides) / max(1, len(self.strides)),
+                         spec_s=self.spec_s, cache_size=len(self.cache))
+        return res
