@@ -56,7 +56,7 @@ def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], r
             "captured_vs_paper": (t_paper - t) / (t_paper - t_lm) if t_paper > t_lm else float("nan"),
             "spec_accuracy": statistics.mean(spec_acc) if spec_acc else None,
             "mean_stride": statistics.mean(r.stats["mean_stride"] for r in rs) if spec_acc else None,
-            "retrieval_calls": statistics.mean(r.stats.get("verify_calls", r.retrievals) for r in rs),
+            "retrieval_calls": statistics.mean(r.stats.get("retrieval_calls", r.retrievals) for r in rs),
             "retrieval_s": statistics.mean(r.retrieval_s for r in rs), "lm_s": statistics.mean(r.lm_s for r in rs),
             "identical": all(v.identical for v in verdicts),
             "near_ties": sum(v.near_tie for v in verdicts), "mismatches": sum(not v.ok for v in verdicts),

@@ -6,10 +6,16 @@ One round = s speculation steps, then one batched verification. With
   γ = probability that one speculation is correct,
 the expected number of verified steps per round is E(s) = (1 - γ^s) / (1 - γ), and the scheduler picks the
 s that maximises verified steps per second:
-  synchronous:  E(s) / (s·a + b)
-  asynchronous: E(s) / (γ^s·((s-1)·a + max(a, b)) + (1 - γ^s)·(s·a + b))
+  synchronous:  E(s) / (s·a + b + (1 - γ^s)·a)
+  asynchronous: E(s) / (γ^s·((s-1)·a + max(a, b)) + (1 - γ^s)·(s·a + b + a))
     (all s guesses right: the last verification overlaps the next round's first step; otherwise the round
     pays the full verification). s grows from 1 while the objective still improves.
+Two additions to the paper's objective, both exact accounting rather than new heuristics:
+- `(1 - γ^s)·a`: a round with a mismatch also redoes the wrong step with the true document (E(s) counts
+  that step as verified, so its cost belongs to the round too);
+- s = 0, a plain retrieval step (a + b, always right), is a candidate: where verification is cheap next to
+  a wrong guess (an LM on 2 CPU cores, a small index), not speculating is optimal, and the paper's search,
+  which starts at s = 1, would lose time to every wrong guess.
 γ is estimated online as ΣM / (ΣM + #{rounds with M < s}) over a window of recent rounds (M = matched
 steps), capped (RaLMSpec's code caps it at 0.6) so one lucky window cannot push s far out.
 """
@@ -26,20 +32,24 @@ def expected_verified(s: int, gamma: float) -> float:
 
 
 def round_latency(s: int, a: float, b: float, gamma: float, asynchronous: bool) -> float:
-    if not asynchronous:
-        return s * a + b
     hit = gamma**s
-    return hit * ((s - 1) * a + max(a, b)) + (1.0 - hit) * (s * a + b)
+    if not asynchronous:
+        return s * a + b + (1.0 - hit) * a
+    return hit * ((s - 1) * a + max(a, b)) + (1.0 - hit) * (s * a + b + a)
 
 
-def optimal_stride(a: float, b: float, gamma: float, asynchronous: bool = False, max_stride: int = 16) -> int:
-    """The first local maximum of E(s) / round_latency(s), searching s = 1, 2, ... up to max_stride."""
+def optimal_stride(a: float, b: float, gamma: float, asynchronous: bool = False, max_stride: int = 16,
+                   allow_plain: bool = False) -> int:
+    """The first local maximum of E(s) / round_latency(s), searching s = 1, 2, ... up to max_stride;
+    0 (do not speculate) when `allow_plain` and a plain step, 1 / (a + b), is at least as fast."""
     best_s, best = 1, expected_verified(1, gamma) / round_latency(1, a, b, gamma, asynchronous)
     for s in range(2, max_stride + 1):
         value = expected_verified(s, gamma) / round_latency(s, a, b, gamma, asynchronous)
         if value <= best:
             break
         best_s, best = s, value
+    if allow_plain and 1.0 / (a + b) >= best:
+        return 0
     return best_s
 
 
@@ -51,6 +61,7 @@ class OS3Config:
     initial_stride: int = 3  # before any round has been observed (the paper's fixed stride)
     asynchronous: bool = False
     latency_window: int = 16  # recent a / b samples averaged
+    allow_plain: bool = True  # s = 0 (plain retrieval step) is a candidate
 
 
 class OS3:
@@ -86,4 +97,5 @@ class OS3:
             return self.config.initial_stride
         a = sum(self._a) / len(self._a)
         b = sum(self._b) / len(self._b)
-        return optimal_stride(a, b, self.gamma, self.config.asynchronous, self.config.max_stride)
+        return optimal_stride(a, b, self.gamma, self.config.asynchronous, self.config.max_stride,
+                              self.config.allow_plain)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from services.common.errors import InvalidRequest
-from services.lm.decoder import Session
+from services.lm.decoder import Emitted, Session
 from services.lm.model import LoadedLM
 from services.retriever.docstore import DocStore
 from services.retriever.retriever import Retriever
@@ -86,6 +86,17 @@ class RalmEngine:
     def stops(self, cfg: RalmConfig) -> frozenset[int]:
         return self.stop_ids | self.newline_ids if cfg.stop_at_newline else self.stop_ids
 
+    def decode_stride(self, sess: Session, pid: int, prompt_ids: Sequence[int], generated: Sequence[int],
+                      cfg: RalmConfig, reuse: bool = True) -> Emitted:
+        """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context."""
+        n = min(cfg.stride, cfg.max_new_tokens - len(generated))
+        seq = self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + list(prompt_ids) + list(generated)
+        return sess.greedy(seq, n, self.stops(cfg), reuse=reuse)
+
+    def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
+        text = self.decode(tokens)
+        return text.split("\n")[0].strip() if cfg.stop_at_newline else text
+
     def query(self, ctx: Sequence[int], cfg: RalmConfig) -> str:
         return self.decode(ctx[-cfg.query_tokens:])
 
@@ -141,16 +152,14 @@ class RalmEngine:
             res.doc_ids.append(pid)
             # 2) decode one stride with that document in front
             t = time.perf_counter()
-            n = min(cfg.stride, cfg.max_new_tokens - len(res.tokens))
-            e = sess.greedy(self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + ctx, n, stops,
-                            reuse=cfg.mode != "paper")
+            e = self.decode_stride(sess, pid, prompt_ids, res.tokens, cfg, reuse=cfg.mode != "paper")
             res.lm_s += time.perf_counter() - t
             res.tokens += e.tokens
             res.gaps += e.gaps
             if e.stopped:
                 break
         res.lm_forwards = sess.forwards - f0
-        res.text = self.decode(res.tokens).split("\n")[0].strip() if cfg.stop_at_newline else self.decode(res.tokens)
+        res.text = self.answer(res.tokens, cfg)
         res.total_s = time.perf_counter() - t0
         return res
 

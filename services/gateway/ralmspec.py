@@ -120,7 +120,7 @@ class _Run:
                                  initial_stride=spec.stride, asynchronous=spec.asynchronous))
         self.state = _State()
         self.res = RalmResult([], "", [], [])
-        self.speculated = self.matched = self.rounds = self.rollbacks = 0
+        self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
         self.strides: list[int] = []
         self.spec_s = 0.0  # query embedding + cache lookup of speculation steps
         self.forwards0 = session.forwards
@@ -138,10 +138,8 @@ class _Run:
         """Decode one retrieval stride with document `pid` in front of the context."""
         st = self.state
         step = _Step(len(st.tokens), key, pid)
-        n = min(self.cfg.stride, self.cfg.max_new_tokens - len(st.tokens))
-        seq = self.eng.bos + list(self.eng.doc_ids(pid, self.cfg.doc_tokens)) + self.prompt_ids + st.tokens
         t = time.perf_counter()
-        e = self.session.greedy(seq, n, self.stops)
+        e = self.eng.decode_stride(self.session, pid, self.prompt_ids, st.tokens, self.cfg)
         self.res.lm_s += time.perf_counter() - t
         st.tokens += e.tokens
         st.gaps += e.gaps
@@ -159,6 +157,31 @@ class _Run:
             self.os3.observe_speculation(time.perf_counter() - t)
         return steps
 
+    def next_stride(self) -> int:
+        """Steps in the next round; 0 = a plain retrieval step (OS³ found speculation not worth it)."""
+        return self.os3.next_stride() if self.spec.os3 else self.spec.stride
+
+    def plain_step(self, first: bool = False) -> None:
+        """Retrieve for real, then decode: the first step of a request (the cache is empty), and every step
+        OS³ does not speculate. The cache is still consulted (shadow guess) so that γ stays current."""
+        t = time.perf_counter()
+        key = self.key()
+        guess = self.cache.lookup(key)
+        verdict = self.verify([key])
+        self.res.retrieval_s += time.perf_counter() - t
+        self.res.retrievals += 1
+        self.calls += 1
+        row = verdict.hits[0]
+        true = row[0].pid if row else NO_DOC
+        self.cache.insert(self.prefetch.passages(verdict.hits))
+        if guess:
+            self.os3.observe_round(1, int(guess[0].pid == true))
+        self.os3.observe_verification(verdict.seconds)
+        self.decode(key, true)
+        if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
+            self.os3.observe_speculation(time.perf_counter() - t - verdict.seconds)
+        self.plain_steps += 1
+
     def verify(self, keys: list[Any]) -> _Verdict:
         t = time.perf_counter()
         hits = self.ret.search_embedded(keys, self.prefetch.depth)
@@ -172,7 +195,7 @@ class _Run:
         verified = len(steps) if bad is None else bad + 1  # queries after a mismatch were built on a wrong guess
         self.cache.insert(self.prefetch.passages(verdict.hits[:verified]))
         self.res.retrievals += len(steps)
-        self.res.stats["verify_calls"] = self.res.stats.get("verify_calls", 0) + 1
+        self.calls += 1
         self.os3.observe_verification(verdict.seconds)
         matched = len(steps) if bad is None else bad
         self.os3.observe_round(len(steps), matched)
@@ -189,23 +212,18 @@ class _Run:
 
     # -- the round loop --------------------------------------------------------------------------------
     def execute(self) -> RalmResult:
-        # 0) the first step retrieves for real (the cache is empty), prefetching its top-k
-        t = time.perf_counter()
-        key = self.key()
-        first = self.ret.search_embedded([key], self.prefetch.depth)
-        self.res.retrieval_s += time.perf_counter() - t
-        self.res.retrievals += 1
-        self.cache.insert(self.prefetch.passages(first))
-        self.decode(key, first[0][0].pid if first[0] else NO_DOC)
+        self.plain_step(first=True)  # 0) the first step retrieves for real (the cache is empty), prefetching its top-k
         pending: tuple[list[_Step], Future[_Verdict]] | None = None
-        while True:
+        while not (self.done() and pending is None):
+            s = 0 if self.done() else self.next_stride()
+            if s == 0 and pending is None:
+                self.plain_step()
+                continue
             # 1) speculate a round (async: on top of the round still being verified)
-            steps = [] if self.done() else self.speculate(self.os3.next_stride() if self.spec.os3 else self.spec.stride)
+            steps = self.speculate(s) if s else []
             if not self.spec.asynchronous:
-                if not steps:
-                    break
                 t = time.perf_counter()
-                verdict = self.verify([s.key for s in steps])
+                verdict = self.verify([st.key for st in steps])
                 self.res.retrieval_s += time.perf_counter() - t
                 self.settle(steps, verdict)  # 2) + 3)
                 continue
@@ -216,11 +234,9 @@ class _Run:
                 verdict = future.result()
                 self.res.retrieval_s += time.perf_counter() - t  # only the wait is on the critical path
                 if self.settle(prev, verdict) is not None:
-                    continue  # this round was built on a wrong guess: settle() dropped it
+                    continue  # `steps` were built on a wrong guess: settle() dropped them
             if steps:
-                pending = (steps, self.pool.submit(self.verify, [s.key for s in steps]))
-            elif pending is None:
-                break
+                pending = (steps, self.pool.submit(self.verify, [st.key for st in steps]))
         return self.finish()
 
     def finish(self) -> RalmResult:
@@ -228,10 +244,10 @@ class _Run:
         res.tokens, res.gaps = st.tokens, st.gaps
         res.doc_ids = [s.pid for s in st.steps]
         res.lm_forwards = self.session.forwards - self.forwards0
-        text = self.eng.decode(res.tokens)
-        res.text = text.split("\n")[0].strip() if self.cfg.stop_at_newline else text
+        res.text = self.eng.answer(res.tokens, self.cfg)
         res.stats.update(spec_accuracy=self.matched / self.speculated if self.speculated else 1.0,
                          speculated=self.speculated, matched=self.matched, rounds=self.rounds,
                          rollbacks=self.rollbacks, mean_stride=sum(self.strides) / max(1, len(self.strides)),
-                         spec_s=self.spec_s, cache_size=len(self.cache))
+                         spec_s=self.spec_s, cache_size=len(self.cache), retrieval_calls=self.calls,
+                         plain_steps=self.plain_steps)
         return res

@@ -19,6 +19,15 @@ def test_cheap_verification_wants_stride_one():
     assert optimal_stride(a=0.1, b=0.03, gamma=0.6, asynchronous=True) == 1
 
 
+def test_cheap_verification_and_costly_misses_mean_do_not_speculate():
+    # an LM stride on 2 CPU cores (0.5 s) against a 30 ms search: a wrong guess costs more than waiting
+    assert optimal_stride(a=0.5, b=0.03, gamma=0.6, allow_plain=True) == 0
+    assert optimal_stride(a=0.5, b=0.03, gamma=0.6, asynchronous=True, allow_plain=True) == 0
+    # the paper's regime (retrieval dominates): speculation wins, plain steps allowed or not
+    assert optimal_stride(a=0.1, b=4.3, gamma=0.6, allow_plain=True) == 6
+    assert optimal_stride(a=0.1, b=0.09, gamma=0.95, asynchronous=True, allow_plain=True) >= 1
+
+
 def test_expected_verified_is_the_geometric_sum():
     assert expected_verified(1, 0.5) == 1.0
     assert expected_verified(3, 0.5) == pytest.approx(1 + 0.5 + 0.25)
@@ -28,8 +37,9 @@ def test_expected_verified_is_the_geometric_sum():
 def test_async_round_hides_verification_when_all_guesses_hit():
     # γ = 1: every round overlaps verification with the next step: (s-1)·a + max(a, b)
     assert round_latency(3, a=0.1, b=0.05, gamma=1.0, asynchronous=True) == pytest.approx(0.3)
-    assert round_latency(3, a=0.1, b=0.05, gamma=0.0, asynchronous=True) == pytest.approx(0.35)
-    assert round_latency(3, a=0.1, b=0.05, gamma=0.5, asynchronous=False) == pytest.approx(0.35)
+    # γ = 0: the full round, plus redoing the wrong step
+    assert round_latency(3, a=0.1, b=0.05, gamma=0.0, asynchronous=True) == pytest.approx(0.45)
+    assert round_latency(3, a=0.1, b=0.05, gamma=0.5, asynchronous=False) == pytest.approx(0.35 + 0.875 * 0.1)
 
 
 @given(st.floats(0.001, 1.0), st.floats(0.001, 10.0), st.floats(0.0, 0.95), st.booleans())
@@ -56,7 +66,7 @@ def test_online_gamma_over_a_window_with_cap():
 
 
 def test_online_stride_follows_measured_latencies():
-    os3 = OS3(OS3Config(gamma_cap=0.6))
+    os3 = OS3(OS3Config(gamma_cap=0.6, allow_plain=False))
     for _ in range(5):
         os3.observe_round(4, 4)
     os3.observe_speculation(0.1)
@@ -64,3 +74,9 @@ def test_online_stride_follows_measured_latencies():
     assert os3.next_stride() == 6
     with pytest.raises(ValueError):
         os3.observe_round(2, 3)
+    plain = OS3(OS3Config(allow_plain=True))
+    for _ in range(5):
+        plain.observe_round(1, 1)
+    plain.observe_speculation(0.5)
+    plain.observe_verification(0.03)
+    assert plain.next_stride() == 0

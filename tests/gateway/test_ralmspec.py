@@ -16,7 +16,7 @@ from services.gateway.ralm import RalmConfig
 from services.gateway.ralmspec import PRESETS, SpecConfig, SpeculativeRalm
 
 TOKENS = 20  # several retrieval strides per request, with no newline stop, so documents change mid-answer
-EXAMPLES = {"exact": 14, "approx": 8, "sparse": 10}
+EXAMPLES = {"exact": 12, "approx": 6, "sparse": 8}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_every_preset_equals_the_baseline(engine, spec, baseline, questions, ret
         cfg = RalmConfig(max_new_tokens=TOKENS, stop_at_newline=False)
         got = spec.generate(qa_prompt(questions[17].question), cfg, preset, retriever)
         check(base, got, f"{retriever} {name}", near_ties)
-        assert got.stats["speculated"] + 1 >= len(base.doc_ids)
+        assert got.stats["retrieval_calls"] <= len(base.doc_ids)  # batching never adds retriever calls
 
 
 @pytest.mark.slow
