@@ -126,12 +126,11 @@ class RalmEngine:
         if cfg.mode == "lm-only" and schedule is None:
             raise InvalidRequest("lm-only needs the documents in advance (a schedule from a previous run)")
         sess = session or Session(self.lm)
-        stops = self.stops(cfg)
         res = RalmResult([], "", [], [])
         f0 = sess.forwards
         if cfg.mode == "no-retrieval":
             t = time.perf_counter()
-            e = sess.greedy(self.bos + prompt_ids, cfg.max_new_tokens, stops)
+            e = sess.greedy(self.bos + prompt_ids, cfg.max_new_tokens, self.stops(cfg))
             res.lm_s += time.perf_counter() - t
             res.tokens, res.gaps = e.tokens, e.gaps
         while cfg.mode != "no-retrieval" and len(res.tokens) < cfg.max_new_tokens:
