@@ -15,7 +15,15 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 
 .PHONY: install system-deps assets assets-tiny test test-fast demo lint protos clean-venv
 
-install: $(STAMP) system-deps
+install: $(STAMP) system-deps protos
+
+# Python code for the .proto contracts (with .pyi stubs), generated next to them and git-ignored; the
+# modules import each other absolutely (`ralmspec.v1.common_pb2`), which the proto import paths mirror.
+PROTO_SRC := $(wildcard protos/ralmspec/v1/*.proto)
+PROTO_OUT := $(PROTO_SRC:.proto=_pb2.py)
+protos: $(PROTO_OUT)
+$(PROTO_OUT) &: $(PROTO_SRC) $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos $(PROTO_SRC)
 
 # Python side. torch is installed first and pinned: a looser requirement pulls a multi-GB CUDA build.
 # pip stays at 23.2.1: newer pip refuses to download bigbench's source archive (it declares a URL dep).

@@ -31,16 +31,21 @@ METHODS = ["baseline-paper", "baseline-kv", *PRESETS, "lm-only"]
 
 def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], retriever: str,
                 cfg: RalmConfig, methods: list[str]) -> list[dict]:
-    runs: dict[str, list[RalmResult]] = {}
-    runs["baseline-kv"] = [engine.generate(p, cfg, retriever) for p in prompts]
-    for m in methods:
-        if m == "baseline-paper":
-            runs[m] = [engine.generate(p, RalmConfig(**{**cfg.__dict__, "mode": "paper"}), retriever) for p in prompts]
-        elif m == "lm-only":
-            lm_cfg = RalmConfig(**{**cfg.__dict__, "mode": "lm-only"})
-            runs[m] = [engine.generate(p, lm_cfg, schedule=b.doc_ids) for p, b in zip(prompts, runs["baseline-kv"])]
-        elif m in PRESETS:
-            runs[m] = [spec.generate(p, cfg, PRESETS[m], retriever) for p in prompts]
+    # Methods are interleaved per prompt (not run method after method) so that drift in machine speed over
+    # the run hits every method alike; baseline-kv runs first for each prompt because lm-only replays its docs.
+    runs: dict[str, list[RalmResult]] = {m: [] for m in {"baseline-kv", *methods}}
+    paper_cfg = RalmConfig(**{**cfg.__dict__, "mode": "paper"})
+    lm_cfg = RalmConfig(**{**cfg.__dict__, "mode": "lm-only"})
+    for p in prompts:
+        base = engine.generate(p, cfg, retriever)
+        runs["baseline-kv"].append(base)
+        for m in methods:
+            if m == "baseline-paper":
+                runs[m].append(engine.generate(p, paper_cfg, retriever))
+            elif m == "lm-only":
+                runs[m].append(engine.generate(p, lm_cfg, schedule=base.doc_ids))
+            elif m in PRESETS:
+                runs[m].append(spec.generate(p, cfg, PRESETS[m], retriever))
     mean: Callable[[str], float] = lambda m: statistics.mean(r.total_s for r in runs[m])  # noqa: E731
     t_paper, t_kv, t_lm = mean("baseline-paper"), mean("baseline-kv"), mean("lm-only")
     rows = []

@@ -1,4 +1,4 @@
-"""`ralmspec` command line: assets, ask."""
+"""`ralmspec` command line: assets, ask, serve, up."""
 
 from __future__ import annotations
 
@@ -61,6 +61,25 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from services.serve import run
+
+    run(args.service, args.profile, args.port, args.retrievers, args.replica)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from services.up import DEFAULT_REPLICAS, up
+
+    replicas = dict(DEFAULT_REPLICAS)
+    for item in args.replicas:
+        name, _, n = item.partition("=")
+        if name not in replicas or not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--replicas takes service=N with service in {', '.join(replicas)} and N >= 1")
+        replicas[name] = int(n)
+    return up(args.profile or os.environ.get("RALMSPEC_PROFILE", "default"), args.port, replicas)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ralmspec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -80,6 +99,18 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=128)
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(run=_ask)
+    sv = sub.add_parser("serve", help="run one service (gRPC + Redis stream worker); settings from RALMSPEC_*")
+    sv.add_argument("service", choices=["lm", "retriever", "verifier", "datastore", "gateway"])
+    sv.add_argument("--profile", choices=PROFILES, default=None)
+    sv.add_argument("--port", type=int, default=None, help="gRPC port (default RALMSPEC_PORT, 0 = free)")
+    sv.add_argument("--replica", default=None, help="consumer name (default <hostname>-<pid>)")
+    sv.add_argument("--retrievers", nargs="+", choices=["exact", "approx", "sparse"], default=None)
+    sv.set_defaults(run=_serve)
+    u = sub.add_parser("up", help="start a local Redis and every service; print the gateway address")
+    u.add_argument("--profile", choices=PROFILES, default=None)
+    u.add_argument("--port", type=int, default=50051, help="the gateway's gRPC port (0 = free)")
+    u.add_argument("--replicas", nargs="*", default=[], metavar="SERVICE=N", help="e.g. retriever=2 verifier=2")
+    u.set_defaults(run=_up)
     return p
 
 

@@ -1,39 +1,75 @@
-"""`make demo`: answer a few real SQuAD questions with every retriever, in process, and show the time split.
+"""`make demo`: `ralmspec up` (a local Redis + every service) and a gRPC client asking real SQuAD questions.
 
-(The service pipeline issue turns this into `ralmspec up` + a gRPC client.)
+For each question and retriever it asks the gateway twice, as the KV-reuse baseline and with RaLMSpec
+(the gateway's default switches), prints the answer and passages, checks the tokens are identical, and ends
+with the speedup of RaLMSpec over the baselines on these questions (both measured through the services).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
+import time
+
+import grpc
+from ralmspec.v1 import gateway_pb2 as pb
+from ralmspec.v1 import gateway_pb2_grpc
 
 from services.common.layout import Layout
-from services.gateway.inprocess import open_engine
-from services.gateway.prompts import qa_prompt
-from services.gateway.ralm import RalmConfig
-from services.gateway.settings import GatewaySettings
+from services.common.wire import retriever_kind
 from services.retriever.corpus import read_questions
+from services.up import Cluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-QUESTIONS = 4
+MODES = {"baseline-paper": pb.MODE_BASELINE_PAPER, "baseline-kv": pb.MODE_BASELINE_KV, "ralmspec": pb.MODE_RALMSPEC}
 
 
 def main() -> None:
-    settings = GatewaySettings.from_env()
-    engine = open_engine(settings)
-    questions = read_questions(Layout.for_profile(settings.profile, settings.data).questions)
-    print(f"profile {settings.profile}: {len(engine.docs)} passages, model {settings.model}\n")
-    for q in questions[:: len(questions) // QUESTIONS][:QUESTIONS]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default=os.environ.get("RALMSPEC_PROFILE", "default"))
+    ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    args = ap.parse_args()
+    t = time.monotonic()
+    print(f"ralmspec up ({args.profile} profile): starting Redis and the services...", flush=True)
+    with Cluster(args.profile) as cluster:
+        print(f"gateway on {cluster.gateway} after {time.monotonic() - t:.0f} s; "
+              f"processes: {', '.join(c.replica for c in cluster.children)}\n", flush=True)
+        questions = read_questions(Layout.for_profile(args.profile).questions)
+        picked = questions[:: max(1, len(questions) // args.questions)][: args.questions]
+        with grpc.insecure_channel(cluster.gateway) as channel:
+            ask(gateway_pb2_grpc.GatewayServiceStub(channel), picked, args.max_new_tokens)
+    print("services stopped")
+
+
+def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_tokens: int) -> None:  # type: ignore[type-arg]
+    times: dict[tuple[str, str], list[float]] = {}
+    same = total = 0
+    for q in questions:
         print(f"Q: {q.question}   (gold: {' | '.join(q.answers)})")
-        for retriever in ("none", "exact", "approx", "sparse"):
-            mode = "no-retrieval" if retriever == "none" else "kv-reuse"
-            r = engine.generate(qa_prompt(q.question), RalmConfig(mode=mode), retriever)
-            titles = ", ".join(f"[{p}] {engine.docs.get(p).title or '(untitled)'}"
-                               for p in dict.fromkeys(r.doc_ids))
-            print(f"  {retriever:<7} {r.text!r:<40} retrieval {r.retrieval_s * 1e3:5.0f} ms  "
-                  f"LM {r.lm_s * 1e3:5.0f} ms  {titles}")
+        for retriever in ("exact", "approx", "sparse"):
+            replies = {}
+            for mode, m in MODES.items():
+                req = pb.GenerateRequest(question=q.question, retriever=retriever_kind(retriever), mode=m,
+                                         max_new_tokens=max_new_tokens)
+                replies[mode] = stub.Generate(req, timeout=600)
+                times.setdefault((retriever, mode), []).append(replies[mode].stats.time.total_s)
+            r = replies["ralmspec"]
+            ok = all(list(x.token_ids) == list(r.token_ids) for x in replies.values())
+            same, total = same + ok, total + 1
+            passages = ", ".join(f"[{p.passage_id}] {p.title or '(untitled)'}" for p in r.passages)
+            print(f"  {retriever:<7} {r.text!r:<36} identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}  "
+                  f"{passages}")
         print()
+    print(f"identical tokens in {same}/{total} (question, retriever) pairs across the three modes")
+    print("mean latency per request through the services (s), and RaLMSpec's speedup:")
+    for retriever in ("exact", "approx", "sparse"):
+        mean = {m: statistics.mean(times[(retriever, m)]) for m in MODES}
+        print(f"  {retriever:<7} paper {mean['baseline-paper']:.2f}  kv {mean['baseline-kv']:.2f}  "
+              f"ralmspec {mean['ralmspec']:.2f}  ->  {mean['baseline-paper'] / mean['ralmspec']:.2f}x vs paper, "
+              f"{mean['baseline-kv'] / mean['ralmspec']:.2f}x vs kv")
 
 
 if __name__ == "__main__":

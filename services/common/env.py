@@ -27,8 +27,18 @@ DEVICE = EnvVar("RALMSPEC_DEVICE", "auto", "torch device: auto (cuda when presen
 DTYPE = EnvVar("RALMSPEC_DTYPE", "float32", "LM dtype: float32 | bfloat16 | float16")
 THREADS = EnvVar("RALMSPEC_THREADS", "0", "torch intra-op threads; 0 = torch default")
 REDIS_URL = EnvVar("RALMSPEC_REDIS_URL", "", "Redis URL; empty = `ralmspec up` starts a local redis-server")
+HOST = EnvVar("RALMSPEC_HOST", "127.0.0.1", "address a service's gRPC server binds")
+PORT = EnvVar("RALMSPEC_PORT", "0", "a service's gRPC port; 0 = a free one (printed at start)")
+REPLICA = EnvVar("RALMSPEC_REPLICA", "", "this replica's consumer name; empty = <hostname>-<pid>")
+CONCURRENCY = EnvVar("RALMSPEC_CONCURRENCY", "8", "stream entries a replica handles at once")
+CLAIM_IDLE_MS = EnvVar("RALMSPEC_CLAIM_IDLE_MS", "30000", "reclaim a dead consumer's entries after this idle time")
+MAXLEN = EnvVar("RALMSPEC_MAXLEN", "10000", "approximate length streams are trimmed to")
+CALL_TIMEOUT_S = EnvVar("RALMSPEC_CALL_TIMEOUT_S", "120", "deadline of a call to another service")
+DRAIN_S = EnvVar("RALMSPEC_DRAIN_S", "30", "on SIGTERM, how long in-flight work may take to finish")
+PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
-ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, REDIS_URL]
+ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY, CLAIM_IDLE_MS,
+       MAXLEN, CALL_TIMEOUT_S, DRAIN_S, PRESET]
 
 
 def data_dir() -> Path:

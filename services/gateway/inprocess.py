@@ -1,4 +1,4 @@
-"""In-process runtime: build the RaLM engine from local assets (library API, CLI, tests, benchmarks)."""
+"""In-process runtime: the controller drives engine objects directly (library API, CLI, tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from collections.abc import Sequence
 
 import torch
 
+from services.gateway.backends import local_backends
 from services.gateway.ralm import RalmEngine
 from services.gateway.settings import GatewaySettings
+from services.lm.engine import LmEngine
 from services.lm.model import load
 from services.retriever.docstore import DocStore
 from services.retriever.encoder import Encoder
@@ -18,7 +20,8 @@ def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVER
     if settings.threads > 0:
         torch.set_num_threads(settings.threads)
     lay = settings.layout
-    lm = load(settings.model, lay.models, settings.device, settings.dtype)
+    lm = LmEngine(load(settings.model, lay.models, settings.device, settings.dtype))
     encoder = Encoder() if any(r != "sparse" for r in retrievers) else None
     opened: dict[str, Retriever] = {r: open_retriever(r, lay, encoder) for r in retrievers}
-    return RalmEngine(lm, DocStore.load(lay.passages), opened)
+    return RalmEngine(lm.lm.tokenizer, lm.lm.max_positions, DocStore.load(lay.passages),
+                      local_backends(lm, opened), lm.stops)

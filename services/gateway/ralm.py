@@ -13,18 +13,19 @@ Modes:
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 from services.common.errors import InvalidRequest
-from services.lm.decoder import Emitted, Session
-from services.lm.model import LoadedLM
+from services.gateway.backends import Backends
+from services.lm.decoder import Emitted
+from services.lm.engine import StopSets
 from services.retriever.docstore import DocStore
 from services.retriever.retriever import Retriever
+from services.verifier.verification import NO_DOC
 
 MODES = ("paper", "kv-reuse", "no-retrieval", "lm-only")
-NO_DOC = -1  # a stride whose retrieval found nothing runs without a document
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,19 @@ class RalmResult:
     total_s: float = 0.0
     retrievals: int = 0  # retriever calls (queries sent)
     lm_forwards: int = 0
+    lm_fed_tokens: int = 0  # tokens pushed through the LM (prefill + decode): what KV reuse saves
     stats: dict = field(default_factory=dict)
 
 
 class RalmEngine:
-    """Holds the LM, the passage store and the retrievers; `generate` runs one request."""
+    """The session controller's shared parts: tokenizer, passage store and the backends it drives (in-process
+    engines or remote services); `generate` runs one baseline request."""
 
-    def __init__(self, lm: LoadedLM, docs: DocStore, retrievers: dict[str, Retriever]) -> None:
-        self.lm, self.docs, self.retrievers = lm, docs, retrievers
-        self.tok = lm.tokenizer
-        self.stop_ids = frozenset(t for t in [self.tok.eos_token_id] if t is not None)  # type: ignore
-        self.newline_ids = _newline_ids(self.tok)
+    def __init__(self, tokenizer: object, max_positions: int, docs: DocStore, backends: Backends,
+                 stops: StopSets | None = None) -> None:
+        self.tok, self.max_positions, self.docs, self.backends = tokenizer, max_positions, docs, backends
+        self.retrievers = backends.retrievers
+        self.stop_sets = stops or StopSets.of(tokenizer)
         self._sep = self.encode("\n\n")
         # BOS (Gemma needs it; SmolLM2 adds none) starts every sequence, before the document.
         self.bos: list[int] = list(self.tok("", add_special_tokens=True).input_ids)  # type: ignore[operator]
@@ -84,14 +87,14 @@ class RalmEngine:
         return tuple(self.encode(self.docs.document(pid))[: doc_tokens - len(self._sep)] + self._sep)
 
     def stops(self, cfg: RalmConfig) -> frozenset[int]:
-        return self.stop_ids | self.newline_ids if cfg.stop_at_newline else self.stop_ids
+        return self.stop_sets.get(cfg.stop_at_newline)
 
-    def decode_stride(self, sess: Session, pid: int, prompt_ids: Sequence[int], generated: Sequence[int],
+    def decode_stride(self, sid: str, pid: int, prompt_ids: Sequence[int], generated: Sequence[int],
                       cfg: RalmConfig, reuse: bool = True) -> Emitted:
         """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context."""
         n = min(cfg.stride, cfg.max_new_tokens - len(generated))
         seq = self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + list(prompt_ids) + list(generated)
-        return sess.greedy(seq, n, self.stops(cfg), reuse=reuse)
+        return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
 
     def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
         text = self.decode(tokens)
@@ -103,7 +106,7 @@ class RalmEngine:
     def check_prompt(self, prompt_ids: Sequence[int], cfg: RalmConfig) -> None:
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        limit = min(cfg.max_input_tokens, self.lm.max_positions)
+        limit = min(cfg.max_input_tokens, self.max_positions)
         need = len(self.bos) + len(prompt_ids) + cfg.doc_tokens + cfg.max_new_tokens
         if need > limit:
             raise InvalidRequest(
@@ -116,8 +119,9 @@ class RalmEngine:
         return self.retrievers[name]
 
     def generate(self, prompt: str, cfg: RalmConfig, retriever: str = "exact",
-                 schedule: Sequence[int] | None = None, session: Session | None = None) -> RalmResult:
-        """One request. `schedule` (lm-only) gives the document of every stride in advance."""
+                 schedule: Sequence[int] | None = None, emit: Emit | None = None) -> RalmResult:
+        """One request. `schedule` (lm-only) gives the document of every stride in advance; `emit` receives
+        each stride's tokens as they are decided (streaming)."""
         cfg.validate()
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
@@ -125,47 +129,52 @@ class RalmEngine:
         ret = self.retriever(retriever) if cfg.mode in ("paper", "kv-reuse") else None
         if cfg.mode == "lm-only" and schedule is None:
             raise InvalidRequest("lm-only needs the documents in advance (a schedule from a previous run)")
-        sess = session or Session(self.lm)
-        res = RalmResult([], "", [], [])
-        f0 = sess.forwards
-        if cfg.mode == "no-retrieval":
-            t = time.perf_counter()
-            e = sess.greedy(self.bos + prompt_ids, cfg.max_new_tokens, self.stops(cfg))
-            res.lm_s += time.perf_counter() - t
-            res.tokens, res.gaps = e.tokens, e.gaps
-        while cfg.mode != "no-retrieval" and len(res.tokens) < cfg.max_new_tokens:
-            ctx = prompt_ids + res.tokens
-            # 1) the document of this stride
-            if ret is not None:
+        lm = self.backends.lm
+        sid = lm.open()
+        try:
+            res = RalmResult([], "", [], [])
+            if cfg.mode == "no-retrieval":
                 t = time.perf_counter()
-                hits = ret.search([self.query(ctx, cfg)], 1)[0]
-                pid = hits[0].pid if hits else NO_DOC  # BM25 finds nothing for a stop-word-only query
-                res.retrieval_s += time.perf_counter() - t
-                res.retrievals += 1
-            else:
-                assert schedule is not None
-                i = len(res.doc_ids)
-                if i >= len(schedule):
-                    raise InvalidRequest(f"the lm-only schedule has {len(schedule)} documents; stride {i} needs more")
-                pid = schedule[i]
-            res.doc_ids.append(pid)
-            # 2) decode one stride with that document in front
-            t = time.perf_counter()
-            e = self.decode_stride(sess, pid, prompt_ids, res.tokens, cfg, reuse=cfg.mode != "paper")
-            res.lm_s += time.perf_counter() - t
-            res.tokens += e.tokens
-            res.gaps += e.gaps
-            if e.stopped:
-                break
-        res.lm_forwards = sess.forwards - f0
+                e = lm.step(sid, self.bos + prompt_ids, cfg.max_new_tokens, cfg.stop_at_newline)
+                res.lm_s += time.perf_counter() - t
+                res.tokens, res.gaps = e.tokens, e.gaps
+                res.lm_forwards, res.lm_fed_tokens = e.forwards, e.fed
+                if emit:
+                    emit(e.tokens)
+            while cfg.mode != "no-retrieval" and len(res.tokens) < cfg.max_new_tokens:
+                ctx = prompt_ids + res.tokens
+                # 1) the document of this stride
+                if ret is not None:
+                    t = time.perf_counter()
+                    hits = ret.search([self.query(ctx, cfg)], 1)[0]
+                    pid = hits[0].pid if hits else NO_DOC  # BM25 finds nothing for a stop-word-only query
+                    res.retrieval_s += time.perf_counter() - t
+                    res.retrievals += 1
+                else:
+                    assert schedule is not None
+                    i = len(res.doc_ids)
+                    if i >= len(schedule):
+                        raise InvalidRequest(f"the lm-only schedule has {len(schedule)} documents; "
+                                             f"stride {i} needs more")
+                    pid = schedule[i]
+                res.doc_ids.append(pid)
+                # 2) decode one stride with that document in front
+                t = time.perf_counter()
+                e = self.decode_stride(sid, pid, prompt_ids, res.tokens, cfg, reuse=cfg.mode != "paper")
+                res.lm_s += time.perf_counter() - t
+                res.tokens += e.tokens
+                res.gaps += e.gaps
+                res.lm_forwards += e.forwards
+                res.lm_fed_tokens += e.fed
+                if emit:
+                    emit(e.tokens)
+                if e.stopped:
+                    break
+        finally:
+            lm.close(sid)
         res.text = self.answer(res.tokens, cfg)
         res.total_s = time.perf_counter() - t0
         return res
 
 
-def _newline_ids(tok: object) -> frozenset[int]:
-    """Every vocabulary id whose text contains a newline (QA answers stop there)."""
-    vocab = tok.get_vocab()  # type: ignore[attr-defined]
-    ids = [i for i in vocab.values()]
-    texts = tok.batch_decode([[i] for i in ids])  # type: ignore[attr-defined]
-    return frozenset(i for i, t in zip(ids, texts) if "\n" in t)
+Emit = Callable[[list[int]], None]  # receives newly decided (verified) tokens, in order

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import InvalidRequest
-from services.datastore.speculation_cache import SpeculationCache
+from services.gateway.backends import Cache
 from services.gateway.os3 import OS3, OS3Config
 from services.gateway.prefetch import PrefetchPolicy
-from services.gateway.ralm import NO_DOC, RalmConfig, RalmEngine, RalmResult
-from services.lm.decoder import Session
+from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
 from services.retriever.retriever import Retriever
 from services.retriever.types import Hit
+from services.verifier.verification import NO_DOC, first_mismatch, top1
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,14 @@ class _State:
 
 
 class SpeculativeRalm:
-    def __init__(self, engine: RalmEngine) -> None:
+    def __init__(self, engine: RalmEngine, verify_workers: int = 1) -> None:
         self.engine = engine
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
+        # Asynchronous verification runs here; one worker per request in flight at once.
+        self._pool = ThreadPoolExecutor(max_workers=verify_workers, thread_name_prefix="verify")
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
-                 session: Session | None = None) -> RalmResult:
+                 emit: Emit | None = None) -> RalmResult:
+        """One request; `emit` receives tokens once verified (never tokens built on an unverified guess)."""
         cfg.validate()
         spec.validate()
         eng = self.engine
@@ -100,8 +102,13 @@ class SpeculativeRalm:
         prompt_ids = eng.encode(prompt)
         eng.check_prompt(prompt_ids, cfg)
         ret = eng.retriever(retriever)
-        run = _Run(eng, ret, prompt_ids, cfg, spec, session or Session(eng.lm), self._pool)
-        res = run.execute()
+        sid = eng.backends.lm.open()
+        cache = eng.backends.caches.open(retriever)
+        try:
+            res = _Run(eng, ret, prompt_ids, cfg, spec, sid, cache, self._pool, emit).execute()
+        finally:
+            cache.close()
+            eng.backends.lm.close(sid)
         res.total_s = time.perf_counter() - t0
         return res
 
@@ -110,11 +117,10 @@ class _Run:
     """One request's speculative decoding (state + timers); `execute` is the round loop."""
 
     def __init__(self, eng: RalmEngine, ret: Retriever, prompt_ids: list[int], cfg: RalmConfig,
-                 spec: SpecConfig, session: Session, pool: ThreadPoolExecutor) -> None:
+                 spec: SpecConfig, sid: str, cache: Cache, pool: ThreadPoolExecutor, emit: Emit | None) -> None:
         self.eng, self.ret, self.prompt_ids, self.cfg, self.spec = eng, ret, prompt_ids, cfg, spec
-        self.session, self.pool = session, pool
+        self.sid, self.cache, self.pool, self.emit = sid, cache, pool, emit
         self.stops = eng.stops(cfg)
-        self.cache = SpeculationCache(ret.score)
         self.prefetch = PrefetchPolicy(spec.prefetch, spec.prefetch_k)
         self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap, max_stride=spec.max_stride,
                                  initial_stride=spec.stride, asynchronous=spec.asynchronous))
@@ -123,7 +129,7 @@ class _Run:
         self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
         self.strides: list[int] = []
         self.spec_s = 0.0  # query embedding + cache lookup of speculation steps
-        self.forwards0 = session.forwards
+        self.released = 0  # tokens handed to `emit` (all verified)
 
     # -- steps -----------------------------------------------------------------------------------------
     def done(self) -> bool:
@@ -139,8 +145,10 @@ class _Run:
         st = self.state
         step = _Step(len(st.tokens), key, pid)
         t = time.perf_counter()
-        e = self.eng.decode_stride(self.session, pid, self.prompt_ids, st.tokens, self.cfg)
+        e = self.eng.decode_stride(self.sid, pid, self.prompt_ids, st.tokens, self.cfg)
         self.res.lm_s += time.perf_counter() - t
+        self.res.lm_forwards += e.forwards
+        self.res.lm_fed_tokens += e.fed
         st.tokens += e.tokens
         st.gaps += e.gaps
         st.steps.append(step)
@@ -167,12 +175,11 @@ class _Run:
         t = time.perf_counter()
         key = self.key()
         guess = self.cache.lookup(key)
-        verdict = self.verify([key])
+        verdict = self.verify([key], [])
         self.res.retrieval_s += time.perf_counter() - t
         self.res.retrievals += 1
         self.calls += 1
-        row = verdict.hits[0]
-        true = row[0].pid if row else NO_DOC
+        true = top1(verdict.hits)[0]
         self.cache.insert(self.prefetch.passages(verdict.hits))
         if guess:
             self.os3.observe_round(1, int(guess[0].pid == true))
@@ -181,17 +188,24 @@ class _Run:
         if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
             self.os3.observe_speculation(time.perf_counter() - t - verdict.seconds)
         self.plain_steps += 1
+        self.release(len(self.state.tokens))
 
-    def verify(self, keys: list[Any]) -> _Verdict:
+    def verify(self, keys: list[Any], guesses: list[int]) -> _Verdict:
         t = time.perf_counter()
-        hits = self.ret.search_embedded(keys, self.prefetch.depth)
+        hits = self.eng.backends.verifier.verify(self.ret.name, keys, guesses, self.prefetch.depth)
         return _Verdict(hits, time.perf_counter() - t)
+
+    def release(self, upto: int) -> None:
+        """Hand the verified tokens before position `upto` to `emit`."""
+        if self.emit and upto > self.released:
+            self.emit(self.state.tokens[self.released : upto])
+        self.released = max(self.released, upto)
 
     def settle(self, steps: list[_Step], verdict: _Verdict) -> _Step | None:
         """Apply a verification: cache the verified passages, count, and return the first wrong step
         (already redone with its true document), or None when every guess was right."""
-        true = [row[0].pid if row else NO_DOC for row in verdict.hits]
-        bad = next((j for j, (s, p) in enumerate(zip(steps, true)) if s.pid != p), None)
+        true = top1(verdict.hits)
+        bad = first_mismatch([s.pid for s in steps], verdict.hits)
         verified = len(steps) if bad is None else bad + 1  # queries after a mismatch were built on a wrong guess
         self.cache.insert(self.prefetch.passages(verdict.hits[:verified]))
         self.res.retrievals += len(steps)
@@ -222,9 +236,10 @@ class _Run:
             # 1) speculate a round (async: on top of the round still being verified)
             steps = self.speculate(s) if s else []
             if not self.spec.asynchronous:
-                verdict = self.verify([st.key for st in steps])
+                verdict = self.verify([st.key for st in steps], [st.pid for st in steps])
                 self.res.retrieval_s += verdict.seconds
                 self.settle(steps, verdict)  # 2) + 3)
+                self.release(len(self.state.tokens))
                 continue
             if pending is not None:
                 prev, future = pending
@@ -233,16 +248,18 @@ class _Run:
                 verdict = future.result()
                 self.res.retrieval_s += time.perf_counter() - t  # only the wait is on the critical path
                 if self.settle(prev, verdict) is not None:
+                    self.release(len(self.state.tokens))
                     continue  # `steps` were built on a wrong guess: settle() dropped them
+                self.release(steps[0].start if steps else len(self.state.tokens))
             if steps:
-                pending = (steps, self.pool.submit(self.verify, [st.key for st in steps]))
+                pending = (steps, self.pool.submit(self.verify, [st.key for st in steps], [st.pid for st in steps]))
+        self.release(len(self.state.tokens))
         return self.finish()
 
     def finish(self) -> RalmResult:
         res, st = self.res, self.state
         res.tokens, res.gaps = st.tokens, st.gaps
         res.doc_ids = [s.pid for s in st.steps]
-        res.lm_forwards = self.session.forwards - self.forwards0
         res.text = self.eng.answer(res.tokens, self.cfg)
         res.stats.update(spec_accuracy=self.matched / self.speculated if self.speculated else 1.0,
                          speculated=self.speculated, matched=self.matched, rounds=self.rounds,

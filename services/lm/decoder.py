@@ -23,6 +23,7 @@ class Emitted:
     tokens: list[int] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)  # logit[top1] - logit[top2] at each emitted token
     forwards: int = 0  # model forward calls spent
+    fed: int = 0  # tokens pushed through the model (prefill + decode)
     stopped: bool = False  # a stop token was emitted (it is included in tokens)
 
 
@@ -82,7 +83,7 @@ class Session:
         re-prefill (reuse=False); the tokens inside the run always extend the cache."""
         out = Emitted()
         ctx = list(seq)
-        before = self.forwards
+        before, fed = self.forwards, self.fed_tokens
         logits = self.logits_after(ctx, reuse=reuse)
         for i in range(n):
             top = torch.topk(logits, 2)
@@ -95,5 +96,5 @@ class Session:
             ctx.append(tok)
             if i + 1 < n:  # the last token is fed lazily, by whoever continues this sequence
                 logits = self.logits_after(ctx)
-        out.forwards = self.forwards - before
+        out.forwards, out.fed = self.forwards - before, self.fed_tokens - fed
         return out

@@ -111,3 +111,12 @@ def load(key: str, models_dir: Path, device: str = "auto", dtype: str = "float32
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).to(dev).eval()  # type: ignore[arg-type]
     log.info("loaded %s on %s (%s)", key, dev, dtype)
     return LoadedLM(key, model, tok, dev, DTYPES[dtype])
+
+
+def load_tokenizer(key: str, models_dir: Path) -> tuple[object, int]:
+    """The model's tokenizer and position limit, without its weights (what the gateway needs)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = convert(key, models_dir)
+    cfg = AutoConfig.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder), int(getattr(cfg, "max_position_embeddings", 2048))

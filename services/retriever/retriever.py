@@ -26,6 +26,8 @@ class Retriever(Protocol):
     verification searches the index with that same key."""
 
     name: str
+    dim: int | None  # dense vector size; None for BM25, whose key is the query text
+    size: int  # passages indexed (ids 0..size-1)
 
     def embed(self, queries: Sequence[str]) -> list[QueryKey]:
         """One key per query, each independent of the others in the batch."""
@@ -45,6 +47,8 @@ class Retriever(Protocol):
 class DenseRetriever:
     def __init__(self, name: str, encoder: Encoder, index: DenseIndex) -> None:
         self.name, self.encoder, self.index = name, encoder, index
+        self.dim: int | None = int(index.index.d)
+        self.size = index.size
 
     def embed(self, queries: Sequence[str]) -> list[QueryKey]:
         check_search(queries, 1)

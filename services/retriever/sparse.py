@@ -293,6 +293,7 @@ class SparseRetriever:
     """BM25 top-k over the Lucene index, with exact float32 Lucene scores."""
 
     name = "sparse"
+    dim: int | None = None  # keyed by the query text
 
     def __init__(self, index_dir: Path, k1: float = K1, b: float = B) -> None:
         if _read_marker(index_dir) is None:
@@ -308,6 +309,7 @@ class SparseRetriever:
         self._analyzer = jvm.get_lucene_analyzer()  # Anserini's English default, as used for indexing
         self._query_generator = jvm.BagOfWordsQueryGenerator()
         self.stats = Bm25Stats(self._reader, self._analyzer)
+        self.size = self.stats.n_docs
         log.info("opened BM25 index %s: %d docs, avgdl %.1f", index_dir, self.stats.n_docs, self.stats.avgdl)
 
     def close(self) -> None:

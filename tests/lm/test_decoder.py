@@ -12,7 +12,7 @@ PROMPT = "The Normans were the people who in the 10th and 11th centuries gave th
 
 @pytest.fixture(scope="module")
 def lm(engine):
-    return engine.lm
+    return engine.backends.lm.lm
 
 
 @pytest.fixture(scope="module")

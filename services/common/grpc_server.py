@@ -1,0 +1,135 @@
+"""The gRPC adapter: serves each ServiceDef's operation table on one grpc.aio server, with health and reflection.
+
+Handlers stay protocol-free (`async def handler(request) -> reply`); this module only decodes, calls, encodes and
+maps an exception to a status through `status_of`, the one mapping every edge shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, cast
+
+import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.ops import INTERNAL, Operation, ServerStream, ServiceDef, Unary, status_of
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # retrieved passages and token batches can pass gRPC's 4 MiB default
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
+    """End the RPC with the status `status_of(exc)`; INTERNAL is logged once, with its traceback."""
+    code, message = status_of(exc)
+    if code == INTERNAL:
+        log.error("%s failed: %s", method, message, exc_info=exc)
+    else:
+        log.debug("%s answered %s: %s", method, code, message)
+    await context.abort(grpc.StatusCode[code], message)  # raises grpc.aio.AbortError
+    raise exc  # unreachable: abort always raises
+
+
+def _unary(method: str, handler: Unary) -> Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]:
+    async def call(request: Message, context: grpc.aio.ServicerContext) -> Message:
+        try:
+            return await handler(request)
+        except Exception as exc:  # CancelledError is a BaseException: a cancelled call stays cancelled
+            await _abort(context, method, exc)
+
+    return call
+
+
+def _server_stream(method: str, handler: ServerStream) -> Callable[[Message, grpc.aio.ServicerContext],
+                                                                    AsyncIterator[Message]]:
+    async def call(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        try:
+            async for reply in handler(request):
+                yield reply
+        except Exception as exc:  # replies already sent stand; the status ends the stream
+            await _abort(context, method, exc)
+
+    return call
+
+
+def _method_handler(service: ServiceDef, op: Operation) -> grpc.RpcMethodHandler:
+    method = service.method(op.name)
+    if op.streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _server_stream(method, cast(ServerStream, op.handler)),
+            request_deserializer=op.request.FromString, response_serializer=op.reply.SerializeToString)
+    return grpc.unary_unary_rpc_method_handler(
+        _unary(method, cast(Unary, op.handler)),
+        request_deserializer=op.request.FromString, response_serializer=op.reply.SerializeToString)
+
+
+def generic_handler(service: ServiceDef) -> grpc.GenericRpcHandler:
+    """One gRPC handler serving every operation of `service` under /<full_name>/<op name>."""
+    return grpc.method_handlers_generic_handler(
+        service.full_name, {name: _method_handler(service, op) for name, op in service.ops.items()})
+
+
+@dataclass
+class GrpcServer:
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    port: int  # the bound port (the one picked when 0 was asked for)
+    services: list[str] = field(default_factory=list)  # full names served
+
+    async def stop(self, grace_s: float) -> None:
+        """Graceful: health turns NOT_SERVING, new RPCs are refused, in-flight ones get `grace_s` to finish."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def start_server(services: Sequence[ServiceDef], port: int, host: str = "127.0.0.1", *,
+                       max_concurrent_rpcs: int | None = None,
+                       options: Sequence[tuple[str, Any]] = ()) -> GrpcServer:
+    """Serve `services` on host:port (0: a free port) with grpc.health.v1 and server reflection; returns once bound.
+
+    `max_concurrent_rpcs`: past it gRPC itself answers RESOURCE_EXHAUSTED (None: no limit).
+    `options`: extra channel arguments, after (so overriding) CHANNEL_OPTIONS.
+    """
+    server = grpc.aio.server(handlers=[generic_handler(s) for s in services],
+                             options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0), *options],
+                             maximum_concurrent_rpcs=max_concurrent_rpcs)
+    servicer = health.aio.HealthServicer()  # serves "" as SERVING from the start
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = [s.full_name for s in services]
+    for name in names:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")  # raises RuntimeError when the port is taken
+    await server.start()
+    log.info("gRPC serving %s on %s:%d", ", ".join(names), host, bound)
+    return GrpcServer(server, servicer, bound, names)
+
+
+def install_sigterm(loop: asyncio.AbstractEventLoop, stop: Callable[[], Awaitable[None]]) -> None:
+    """On SIGTERM or SIGINT run `stop()` once (a second signal while stopping does nothing)."""
+    tasks: list[asyncio.Task[None]] = []  # holds the one stop task (the loop keeps only weak references)
+
+    async def run() -> None:
+        await stop()
+
+    def on_signal(signum: int) -> None:
+        if tasks:
+            return
+        log.info("signal %s: stopping", signal.Signals(signum).name)
+        tasks.append(loop.create_task(run()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)

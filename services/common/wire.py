@@ -1,0 +1,64 @@
+"""Protobuf <-> engine types, in one place (protobuf stays at the service edges)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from ralmspec.v1 import common_pb2
+
+from services.common.errors import InvalidRequest
+from services.retriever.retriever import QueryKey
+from services.retriever.types import Hit
+
+Kind = common_pb2.RetrieverKind  # the enum's type in the generated stubs (an int at run time)
+RETRIEVER_NAMES: dict[Kind, str] = {common_pb2.RETRIEVER_KIND_EXACT: "exact",
+                                    common_pb2.RETRIEVER_KIND_APPROX: "approx",
+                                    common_pb2.RETRIEVER_KIND_SPARSE: "sparse"}
+RETRIEVER_KINDS: dict[str, Kind] = {v: k for k, v in RETRIEVER_NAMES.items()}
+
+
+def retriever_name(kind: Kind | int) -> str:
+    """UNSPECIFIED means exact (the paper's main setting)."""
+    if kind == common_pb2.RETRIEVER_KIND_UNSPECIFIED:
+        return "exact"
+    if kind not in RETRIEVER_NAMES:
+        raise InvalidRequest(f"unknown retriever kind {kind}; use EXACT (1), APPROX (2) or SPARSE (3)")
+    return RETRIEVER_NAMES[kind]  # type: ignore[index]  # an int from the wire
+
+
+def retriever_kind(name: str) -> Kind:
+    return RETRIEVER_KINDS[name]
+
+
+def key_to_proto(key: QueryKey) -> common_pb2.QueryKey:
+    if isinstance(key, str):
+        return common_pb2.QueryKey(text=key)
+    return common_pb2.QueryKey(vector=np.asarray(key, dtype="<f4").tobytes())
+
+
+def key_from_proto(key: common_pb2.QueryKey) -> QueryKey:
+    return key.text if key.WhichOneof("key") == "text" else np.frombuffer(key.vector, dtype="<f4").copy()
+
+
+def checked_key(key: common_pb2.QueryKey, dim: int | None) -> QueryKey:
+    """A client's key, validated: `dim` is the dense retriever's vector size (None: sparse, keyed by text)."""
+    which = key.WhichOneof("key")
+    if dim is None:
+        if which != "text" or not key.text.strip():
+            raise InvalidRequest("the sparse retriever needs a non-empty text query key")
+        return key.text
+    if which != "vector" or len(key.vector) != 4 * dim:
+        raise InvalidRequest(f"a dense query key must be {dim} float32 values ({4 * dim} bytes)")
+    vec = key_from_proto(key)
+    if not np.isfinite(vec).all():
+        raise InvalidRequest("the dense query key holds NaN or infinite values")
+    return vec
+
+
+def hits_to_proto(row: Iterable[Hit]) -> common_pb2.HitList:
+    return common_pb2.HitList(hits=[common_pb2.Hit(passage_id=h.pid, score=h.score) for h in row])
+
+
+def hits_from_proto(rows: Sequence[common_pb2.HitList]) -> list[list[Hit]]:
+    return [[Hit(h.score, h.passage_id) for h in row.hits] for row in rows]

@@ -1,0 +1,69 @@
+"""The public API's messages <-> the controller's `Request` and `RalmResult` (validation with clear messages)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ralmspec.v1 import common_pb2 as cpb
+from ralmspec.v1 import gateway_pb2 as pb
+
+from services.common.errors import InvalidRequest
+from services.common.wire import retriever_name
+from services.gateway.controller import Request
+from services.gateway.prompts import qa_prompt
+from services.gateway.ralm import RalmConfig, RalmResult
+from services.gateway.ralmspec import PRESETS, SpecConfig
+from services.retriever.docstore import DocStore
+from services.verifier.verification import NO_DOC
+
+MAX_NEW_TOKENS = 1024
+MAX_PROMPT_CHARS = 20_000
+MODES = {pb.MODE_BASELINE_PAPER: "paper", pb.MODE_BASELINE_KV: "kv-reuse"}
+
+
+def _bounded(name: str, value: int, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise InvalidRequest(f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA"]) -> Request:
+    which = req.WhichOneof("input")
+    if which == "question":
+        prompt, newline, default_len = qa_prompt(req.question), True, 32
+    elif which == "prompt":
+        if not req.prompt.strip():
+            raise InvalidRequest("the prompt is empty: give some text to continue, or a question")
+        if len(req.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequest(f"the prompt is {len(req.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        prompt, newline, default_len = req.prompt, False, 128
+    else:
+        raise InvalidRequest("give either `prompt` (text to continue) or `question` (answered with the QA prompt)")
+    if req.mode not in (pb.MODE_UNSPECIFIED, pb.MODE_RALMSPEC, *MODES):
+        raise InvalidRequest(f"unknown mode {req.mode}; use BASELINE_PAPER (1), BASELINE_KV (2) or RALMSPEC (3)")
+    cfg = RalmConfig(
+        mode=MODES.get(req.mode, "kv-reuse"),
+        stride=_bounded("retrieval_stride", req.retrieval_stride, 1, 64) if req.HasField("retrieval_stride") else 4,
+        query_tokens=_bounded("query_tokens", req.query_tokens, 1, 256) if req.HasField("query_tokens") else 32,
+        max_new_tokens=(_bounded("max_new_tokens", req.max_new_tokens, 1, MAX_NEW_TOKENS)
+                        if req.HasField("max_new_tokens") else default_len),
+        stop_at_newline=newline)
+    spec = None
+    if req.mode in (pb.MODE_UNSPECIFIED, pb.MODE_RALMSPEC):
+        s = req.speculation
+        spec = replace(default_spec, **{f: getattr(s, f) for f in ("stride", "prefetch", "prefetch_k", "os3",
+                                                                   "asynchronous") if s.HasField(f)})
+        spec.validate()
+    return Request(prompt, cfg, retriever_name(req.retriever), spec)
+
+
+def to_reply(res: RalmResult, docs: DocStore) -> pb.GenerateReply:
+    used = [p for p in dict.fromkeys(res.doc_ids) if p != NO_DOC]
+    st = res.stats
+    return pb.GenerateReply(
+        text=res.text, token_ids=res.tokens,
+        passages=[cpb.PassageRef(passage_id=p, title=docs.get(p).title) for p in used],
+        stats=pb.Stats(spec_accuracy=st.get("spec_accuracy", 1.0), mean_stride=st.get("mean_stride", 0.0),
+                       retrieval_calls=st.get("retrieval_calls", res.retrievals), retrievals=res.retrievals,
+                       rollbacks=st.get("rollbacks", 0), lm_forwards=res.lm_forwards,
+                       time=cpb.TimeSplit(retrieval_s=res.retrieval_s, lm_s=res.lm_s, total_s=res.total_s)))

@@ -1,0 +1,82 @@
+"""What the gateway's controller drives, behind one interface per service, in either runtime.
+
+- in-process (`local_backends`): engine objects called directly (library API, tests, algorithm benchmarks);
+- distributed (`services/gateway/remote.py`): the same calls as messages over Redis streams to the services.
+The controller (`ralm.py`, `ralmspec.py`) sees only these protocols, so both runtimes emit the same tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.datastore.speculation_cache import SpeculationCache
+from services.lm.decoder import Emitted
+from services.lm.engine import LmEngine
+from services.retriever.retriever import QueryKey, Retriever
+from services.retriever.types import Hit
+
+
+class LmBackend(Protocol):
+    def open(self) -> str: ...
+
+    def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool,
+             reprefill: bool = False) -> Emitted: ...
+
+    def close(self, sid: str) -> bool: ...
+
+
+class Cache(Protocol):
+    """One request's speculation cache."""
+
+    def insert(self, pids: Sequence[int]) -> int: ...
+
+    def lookup(self, key: QueryKey, k: int = 1) -> list[Hit]: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class CacheBackend(Protocol):
+    def open(self, retriever: str) -> Cache: ...
+
+
+class VerifyBackend(Protocol):
+    def verify(self, retriever: str, keys: Sequence[QueryKey], guesses: Sequence[int], k: int) -> list[list[Hit]]:
+        """The true top-k of each key, in one batched search."""
+        ...
+
+
+@dataclass
+class Backends:
+    lm: LmBackend
+    retrievers: dict[str, Retriever]  # embed + search (the baseline) for each retriever name
+    caches: CacheBackend
+    verifier: VerifyBackend
+
+
+class LocalCache(SpeculationCache):
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class LocalCaches:
+    retrievers: dict[str, Retriever]
+
+    def open(self, retriever: str) -> Cache:
+        return LocalCache(self.retrievers[retriever].score)
+
+
+@dataclass
+class LocalVerifier:
+    retrievers: dict[str, Retriever]
+
+    def verify(self, retriever: str, keys: Sequence[QueryKey], guesses: Sequence[int], k: int) -> list[list[Hit]]:
+        return self.retrievers[retriever].search_embedded(keys, k)
+
+
+def local_backends(lm: LmEngine, retrievers: dict[str, Retriever]) -> Backends:
+    return Backends(lm, retrievers, LocalCaches(retrievers), LocalVerifier(retrievers))

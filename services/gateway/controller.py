@@ -1,0 +1,31 @@
+"""The session controller: one request through the baseline or RaLMSpec, on whatever backends the engine has.
+
+The same object serves the in-process runtime (engine backends) and the gateway service (remote backends);
+`Request` is the engine-level request both build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
+from services.gateway.ralmspec import SpecConfig, SpeculativeRalm
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    cfg: RalmConfig  # cfg.mode: paper | kv-reuse (the baseline, or what speculation must reproduce)
+    retriever: str = "exact"
+    spec: SpecConfig | None = None  # None: the baseline in cfg.mode; else RaLMSpec with these switches
+
+
+class Controller:
+    def __init__(self, engine: RalmEngine, verify_workers: int = 4) -> None:
+        self.engine = engine
+        self.spec = SpeculativeRalm(engine, verify_workers)
+
+    def run(self, req: Request, emit: Emit | None = None) -> RalmResult:
+        if req.spec is None:
+            return self.engine.generate(req.prompt, req.cfg, req.retriever, emit=emit)
+        return self.spec.generate(req.prompt, req.cfg, req.spec, req.retriever, emit=emit)

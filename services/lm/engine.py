@@ -1,0 +1,77 @@
+"""The LM engine behind the LM service (and the in-process runtime): named decoding sessions on one model.
+
+A session is a KV cache (`decoder.Session`); `step` decodes greedily after a whole sequence, reusing the
+cache's longest common prefix, so a replayed step returns the same tokens (idempotent) and a shorter
+sequence is a rollback.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.common.errors import InvalidRequest, NotFound, Overloaded
+from services.lm.decoder import Emitted, Session
+from services.lm.model import LoadedLM
+
+
+@dataclass(frozen=True)
+class StopSets:
+    """Token ids that end a generation: EOS always; with `at_newline`, every id whose text has a newline."""
+
+    eos: frozenset[int]
+    newline: frozenset[int]
+
+    @classmethod
+    def of(cls, tokenizer: object) -> StopSets:
+        eos = frozenset(t for t in [tokenizer.eos_token_id] if t is not None)  # type: ignore[attr-defined]
+        vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
+        ids = list(vocab.values())
+        texts = tokenizer.batch_decode([[i] for i in ids])  # type: ignore[attr-defined]
+        return cls(eos, frozenset(i for i, t in zip(ids, texts) if "\n" in t))
+
+    def get(self, at_newline: bool) -> frozenset[int]:
+        return self.eos | self.newline if at_newline else self.eos
+
+
+class LmEngine:
+    """Sessions by id. Steps of one session must not run concurrently (the caller's order is the session's)."""
+
+    def __init__(self, lm: LoadedLM, stops: StopSets | None = None, max_sessions: int = 256) -> None:
+        self.lm = lm
+        self.stops = stops or StopSets.of(lm.tokenizer)
+        self.max_sessions = max_sessions
+        self.vocab: int = getattr(lm.model.config, "vocab_size")  # noqa: B009 - config is untyped
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()  # guards the dict; the model itself runs one step at a time per caller
+
+    def open(self, session: Session | None = None) -> str:
+        with self._lock:
+            if len(self.sessions) >= self.max_sessions:
+                raise Overloaded(f"this LM replica holds {self.max_sessions} sessions already; retry later")
+            sid = uuid.uuid4().hex
+            self.sessions[sid] = session or Session(self.lm)
+            return sid
+
+    def session(self, sid: str) -> Session:
+        try:
+            return self.sessions[sid]
+        except KeyError:
+            raise NotFound(f"no LM session {sid!r} on this replica (closed, or opened on another one)") from None
+
+    def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False) -> Emitted:
+        if not seq:
+            raise InvalidRequest("the token sequence is empty: a step needs at least one token")
+        if n <= 0:
+            raise InvalidRequest(f"max_new_tokens must be positive, got {n}")
+        if min(seq) < 0 or max(seq) >= self.vocab:
+            raise InvalidRequest(f"token ids must be in 0..{self.vocab - 1}")
+        if len(seq) + n > self.lm.max_positions:
+            raise InvalidRequest(f"{len(seq)} tokens + {n} new exceed the model's {self.lm.max_positions} positions")
+        return self.session(sid).greedy(seq, n, self.stops.get(stop_at_newline), reuse=not reprefill)
+
+    def close(self, sid: str) -> bool:
+        with self._lock:
+            return self.sessions.pop(sid, None) is not None

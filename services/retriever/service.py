@@ -1,0 +1,82 @@
+"""Retriever service: the three retrievers behind the RetrieverService contract (stateless; scale by replicas).
+
+Index calls run on a small thread pool (FAISS and Lucene release the GIL); Lucene is reached through pyjnius,
+which attaches each pool thread to the JVM on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from ralmspec.v1 import retriever_pb2 as pb
+
+from services.common.contracts import RETRIEVER
+from services.common.errors import InvalidRequest, Unavailable
+from services.common.ops import ServiceDef
+from services.common.wire import checked_key, hits_to_proto, key_to_proto, retriever_name
+from services.retriever.retriever import Retriever
+from services.retriever.types import check_search
+
+T = TypeVar("T")
+MAX_BATCH = 1024  # queries per call
+MAX_K = 1000
+
+
+def pick(retrievers: Mapping[str, Retriever], kind: int) -> Retriever:
+    name = retriever_name(kind)
+    if name not in retrievers:
+        raise Unavailable(f"this replica does not serve the {name} retriever (it serves {', '.join(retrievers)})")
+    return retrievers[name]
+
+
+def check_pids(ret: Retriever, pids: Sequence[int]) -> list[int]:
+    bad = [p for p in pids if not 0 <= p < ret.size]
+    if bad:
+        raise InvalidRequest(f"passage ids must be in 0..{ret.size - 1}; got {bad[:5]}")
+    return list(pids)
+
+
+def check_k(k: int) -> int:
+    if not 0 < k <= MAX_K:
+        raise InvalidRequest(f"k must be in 1..{MAX_K}, got {k}")
+    return k
+
+
+def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2) -> tuple[ServiceDef, ThreadPoolExecutor]:
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retriever")
+
+    async def run(fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+    async def embed(req: pb.EmbedRequest) -> pb.EmbedReply:
+        ret = pick(retrievers, req.retriever)
+        queries = list(req.queries)
+        check_search(queries, 1)
+        if len(queries) > MAX_BATCH:
+            raise InvalidRequest(f"at most {MAX_BATCH} queries per call, got {len(queries)}")
+        keys = await run(lambda: ret.embed(queries))
+        return pb.EmbedReply(keys=[key_to_proto(k) for k in keys])
+
+    async def search(req: pb.SearchRequest) -> pb.SearchReply:
+        ret = pick(retrievers, req.retriever)
+        if not req.keys:
+            raise InvalidRequest("no query keys given")
+        if len(req.keys) > MAX_BATCH:
+            raise InvalidRequest(f"at most {MAX_BATCH} keys per call, got {len(req.keys)}")
+        keys = [checked_key(k, ret.dim) for k in req.keys]
+        k = check_k(req.k)
+        t = time.perf_counter()
+        rows = await run(lambda: ret.search_embedded(keys, k))
+        return pb.SearchReply(results=[hits_to_proto(r) for r in rows], search_s=time.perf_counter() - t)
+
+    async def score(req: pb.ScoreRequest) -> pb.ScoreReply:
+        ret = pick(retrievers, req.retriever)
+        key = checked_key(req.key, ret.dim)
+        pids = check_pids(ret, req.passage_ids)
+        return pb.ScoreReply(scores=await run(lambda: ret.score(key, pids)))
+
+    return RETRIEVER.bind(Embed=embed, Search=search, Score=score), pool

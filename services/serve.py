@@ -1,0 +1,119 @@
+"""`ralmspec serve <service>`: one service process (gRPC server + Redis stream worker), wired from settings.
+
+Each function loads only what its service needs, binds the handlers and serves until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from services.common import env
+from services.common.contracts import LM
+from services.common.serving import ServeSettings, serve
+from services.common.transport import StreamClient
+from services.gateway.settings import GatewaySettings
+from services.retriever.retriever import RETRIEVERS, Retriever
+
+log = logging.getLogger(__name__)
+
+
+def _retrievers(engine: GatewaySettings, names: Sequence[str]) -> dict[str, Retriever]:
+    from services.retriever.encoder import Encoder
+    from services.retriever.retriever import open_retriever
+
+    encoder = Encoder() if any(n != "sparse" for n in names) else None
+    return {n: open_retriever(n, engine.layout, encoder) for n in names}
+
+
+def _closer(*pools: ThreadPoolExecutor) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:
+        for p in pools:
+            p.shutdown(wait=True)
+
+    return close
+
+
+async def serve_lm(engine: GatewaySettings, s: ServeSettings) -> None:
+    from services.lm.engine import LmEngine
+    from services.lm.model import load
+    from services.lm.service import lm_service
+
+    if engine.threads > 0:
+        torch.set_num_threads(engine.threads)
+    lm = LmEngine(load(engine.model, engine.layout.models, engine.device, engine.dtype))
+    service, pool = lm_service(lm, s.own_stream(LM))
+    await serve(service, s, pinned=True, on_close=_closer(pool))
+
+
+async def serve_retriever(engine: GatewaySettings, s: ServeSettings, names: Sequence[str]) -> None:
+    from services.retriever.service import retriever_service
+
+    service, pool = retriever_service(_retrievers(engine, names))
+    await serve(service, s, on_close=_closer(pool))
+
+
+async def serve_datastore(engine: GatewaySettings, s: ServeSettings, names: Sequence[str]) -> None:
+    from services.common.contracts import DATASTORE
+    from services.datastore.service import datastore_service
+
+    service, pool = datastore_service(_retrievers(engine, names), s.own_stream(DATASTORE))
+    await serve(service, s, pinned=True, on_close=_closer(pool))
+
+
+async def serve_verifier(engine: GatewaySettings, s: ServeSettings) -> None:
+    from services.verifier.service import verifier_service
+
+    client = await StreamClient(s.redis_url, name=f"verifier-{s.replica}", maxlen=s.maxlen).start()
+
+    async def close() -> None:
+        await client.close()
+
+    await serve(verifier_service(client, s.call_timeout_s), s, on_close=close)
+
+
+async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequence[str], preset: str) -> None:
+    from services.gateway.controller import Controller
+    from services.gateway.ralm import RalmEngine
+    from services.gateway.ralmspec import PRESETS
+    from services.gateway.remote import Bridge, remote_backends
+    from services.gateway.service import gateway_service
+    from services.lm.model import load_tokenizer
+    from services.retriever.docstore import DocStore
+
+    if preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    tok, max_positions = load_tokenizer(engine.model, engine.layout.models)
+    client = await StreamClient(s.redis_url, name=f"gateway-{s.replica}", maxlen=s.maxlen).start()
+    bridge = Bridge(client, asyncio.get_running_loop(), s.call_timeout_s)
+    ralm = RalmEngine(tok, max_positions, DocStore.load(engine.layout.passages), remote_backends(bridge, names))
+    controller = Controller(ralm, verify_workers=max(4, s.concurrency))
+
+    async def close() -> None:
+        await client.close()
+
+    # Generate is served over gRPC only: a gateway is the public edge, and its controller's own calls to the
+    # other services are what travel over Redis.
+    await serve(gateway_service(controller, PRESETS[preset]), s, streams=False, on_close=close)
+
+
+def run(service: str, profile: str | None, port: int | None, retrievers: Sequence[str] | None,
+        replica: str | None) -> None:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
+                        force=True)
+    engine = GatewaySettings.from_env(profile=profile)
+    s = ServeSettings.from_env(port=port, replica=replica)
+    names = list(retrievers or RETRIEVERS)
+    mains: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
+        "lm": lambda: serve_lm(engine, s),
+        "retriever": lambda: serve_retriever(engine, s, names),
+        "datastore": lambda: serve_datastore(engine, s, names),
+        "verifier": lambda: serve_verifier(engine, s),
+        "gateway": lambda: serve_gateway(engine, s, names, env.PRESET.get()),
+    }
+    asyncio.run(mains[service]())

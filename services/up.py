@@ -1,0 +1,156 @@
+"""`ralmspec up`: a local Redis (unless RALMSPEC_REDIS_URL is set) and every service as a child process.
+
+Children get free ports, write their logs under `<data>/run/logs/`, die with this process (PR_SET_PDEATHSIG),
+and are stopped with SIGTERM (graceful drain) on Ctrl-C, then killed if they linger: no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import env
+from services.common.errors import Unavailable
+from services.common.redis_server import LocalRedis, child_preexec, free_port
+
+ORDER = ("lm", "retriever", "datastore", "verifier", "gateway")  # the gateway last: it serves the public API
+DEFAULT_REPLICAS: dict[str, int] = {name: 1 for name in ORDER}
+
+
+@dataclass
+class Child:
+    service: str
+    replica: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class Cluster:
+    profile: str
+    replicas: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_REPLICAS))
+    redis_url: str = ""
+    gateway_port: int = 0
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    children: list[Child] = field(default_factory=list)
+    redis: LocalRedis | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{next(c.port for c in self.children if c.service == 'gateway')}"
+
+    def start(self, timeout_s: float = 300.0) -> Cluster:
+        if not self.redis_url:
+            self.redis = LocalRedis().start()
+            self.redis_url = self.redis.url
+        logs = env.data_dir() / "run" / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            for service in ORDER:
+                for i in range(self.replicas.get(service, 0)):
+                    self._spawn(service, f"{service}-{i}-{os.getpid()}", logs)
+            self.wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, service: str, replica: str, logs: Path) -> None:
+        port = self.gateway_port if service == "gateway" and self.gateway_port else free_port()
+        log = logs / f"{replica}.log"
+        child_env = {**os.environ, **self.extra_env, env.REDIS_URL.name: self.redis_url,
+                     env.PROFILE.name: self.profile, env.PORT.name: str(port), env.REPLICA.name: replica}
+        cmd = [sys.executable, "-m", "services.cli", "serve", service]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=child_preexec)
+        self.children.append(Child(service, replica, port, proc, log))
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        for c in self.children:
+            with grpc.insecure_channel(f"127.0.0.1:{c.port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                while True:
+                    if c.proc.poll() is not None:
+                        raise Unavailable(f"{c.replica} exited with code {c.proc.returncode}; log {c.log}:\n{c.tail()}")
+                    try:
+                        if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                                health_pb2.HealthCheckResponse.SERVING:
+                            break
+                    except grpc.RpcError:
+                        pass
+                    if time.monotonic() > end:
+                        raise Unavailable(f"{c.replica} not healthy after {timeout_s:.0f} s; log {c.log}:\n{c.tail()}")
+                    time.sleep(0.2)
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM in reverse start order (the gateway first stops taking requests), then wait, then kill."""
+        for c in reversed(self.children):
+            if c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        for c in reversed(self.children):
+            try:
+                c.proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+        self.children.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> Cluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def up(profile: str, gateway_port: int, replicas: Mapping[str, int]) -> int:
+    cluster = Cluster(profile, replicas, env.REDIS_URL.get(), gateway_port)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    t = time.monotonic()
+    print(f"starting {sum(replicas.values())} service processes ({profile} profile)...", flush=True)
+    cluster.start()
+    print(f"redis {cluster.redis_url}", flush=True)
+    for c in cluster.children:
+        print(f"  {c.replica:<24} 127.0.0.1:{c.port}  log {c.log}", flush=True)
+    print(f"gateway ready on {cluster.gateway} after {time.monotonic() - t:.1f} s (Ctrl-C stops everything)",
+          flush=True)
+    try:
+        while not stopping:
+            dead = [c for c in cluster.children if c.proc.poll() is not None]
+            if dead:
+                print(f"{dead[0].replica} exited ({dead[0].proc.returncode}); stopping:\n{dead[0].tail()}", flush=True)
+                return 1
+            time.sleep(0.5)
+    finally:
+        print("stopping...", flush=True)
+        cluster.stop()
+        print("stopped", flush=True)
+    return 0

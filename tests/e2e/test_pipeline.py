@@ -1,0 +1,183 @@
+"""End to end: a real redis-server and real service processes (tiny profile), called over gRPC.
+
+One cluster for the module, with 2 retriever and 2 verifier replicas: the distributed runtime emits the same
+tokens as the in-process controller, both RPCs work, bad requests get INVALID_ARGUMENT with a clear message,
+work spreads over replicas, and a killed replica loses no request.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from ralmspec.v1 import common_pb2 as cpb
+from ralmspec.v1 import gateway_pb2 as pb
+from ralmspec.v1 import gateway_pb2_grpc, lm_pb2, lm_pb2_grpc, retriever_pb2, retriever_pb2_grpc
+
+from services.common.contracts import RETRIEVER, VERIFIER
+from services.gateway.api import to_request
+from services.gateway.controller import Controller
+from services.up import Cluster
+
+pytestmark = pytest.mark.slow
+
+EXACT, APPROX, SPARSE = cpb.RETRIEVER_KIND_EXACT, cpb.RETRIEVER_KIND_APPROX, cpb.RETRIEVER_KIND_SPARSE
+REPLICAS = {"lm": 1, "retriever": 2, "datastore": 1, "verifier": 2, "gateway": 1}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # A short claim time so the crash test's reclaim happens within seconds.
+    c = Cluster("tiny", REPLICAS, extra_env={"RALMSPEC_CLAIM_IDLE_MS": "3000"}).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def channel(cluster):
+    with grpc.insecure_channel(cluster.gateway) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def stub(channel):
+    return gateway_pb2_grpc.GatewayServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def controller(engine):
+    return Controller(engine)
+
+
+def spec(**kw) -> pb.Speculation:
+    return pb.Speculation(**kw)
+
+
+def cases(questions) -> list[pb.GenerateRequest]:
+    """Every retriever in every mode; long prompt continuations (no newline stop) make rollbacks happen."""
+    out = []
+    for i, kind in enumerate((EXACT, APPROX, SPARSE)):
+        q = questions[3 + 7 * i]
+        prompt = f"{q.question} The answer is explained below.\n"
+        out += [
+            pb.GenerateRequest(question=q.question, retriever=kind, mode=pb.MODE_BASELINE_KV),
+            pb.GenerateRequest(question=q.question, retriever=kind, mode=pb.MODE_BASELINE_PAPER),
+            pb.GenerateRequest(question=q.question, retriever=kind),  # ralmspec, the gateway's default +PSA
+            pb.GenerateRequest(prompt=prompt, retriever=kind, mode=pb.MODE_RALMSPEC, max_new_tokens=40,
+                               speculation=spec(stride=3, prefetch=False, os3=False, asynchronous=False)),
+            pb.GenerateRequest(prompt=prompt, retriever=kind, mode=pb.MODE_RALMSPEC, max_new_tokens=40,
+                               speculation=spec(prefetch=True, prefetch_k=5, os3=True, asynchronous=True)),
+        ]
+    return out
+
+
+def test_distributed_tokens_equal_in_process(stub, controller, engine, questions):
+    rollbacks = 0
+    for req in cases(questions):
+        local = controller.run(to_request(req))
+        remote = stub.Generate(req, timeout=300)
+        assert list(remote.token_ids) == local.tokens, req
+        assert remote.text == local.text
+        assert [p.passage_id for p in remote.passages] == list(dict.fromkeys(d for d in local.doc_ids if d >= 0))
+        assert remote.stats.rollbacks == local.stats.get("rollbacks", 0)
+        rollbacks += remote.stats.rollbacks
+    assert rollbacks > 0  # speculation really guessed wrong somewhere, and the pipeline rolled back
+
+
+def test_generate_stream_sends_the_reply_in_verified_pieces(stub, questions):
+    req = pb.GenerateRequest(prompt=f"{questions[1].question} Here is some background.\n", retriever=EXACT,
+                             max_new_tokens=40, speculation=spec(asynchronous=True, os3=False, stride=3))
+    chunks = list(stub.GenerateStream(req, timeout=300))
+    deltas = [c.delta for c in chunks if c.HasField("delta")]
+    done = chunks[-1].done
+    assert chunks[-1].HasField("done") and len(deltas) > 1
+    assert [t for d in deltas for t in d.token_ids] == list(done.token_ids)
+    assert "".join(d.text for d in deltas) == done.text
+    assert list(stub.Generate(req, timeout=300).token_ids) == list(done.token_ids)
+
+
+@pytest.mark.parametrize("req, message", [
+    (pb.GenerateRequest(), "give either `prompt`"),
+    (pb.GenerateRequest(question="   "), "the question is empty"),
+    (pb.GenerateRequest(prompt=""), "the prompt is empty"),
+    (pb.GenerateRequest(question="Who?", max_new_tokens=0), "max_new_tokens must be in 1..1024, got 0"),
+    (pb.GenerateRequest(question="Who?", speculation=spec(stride=99)), "speculation stride must be in 1..16"),
+    (pb.GenerateRequest(question="Who?", speculation=spec(prefetch_k=-1)), "prefetch k must be positive"),
+    (pb.GenerateRequest(question="Who?", retriever=7), "unknown retriever kind 7"),
+    (pb.GenerateRequest(question="Who?", mode=9), "unknown mode 9"),
+    (pb.GenerateRequest(prompt="word " * 5000), "the prompt is 25000 characters"),
+    (pb.GenerateRequest(prompt="word " * 3000, max_new_tokens=8), "over the limit"),
+])
+def test_bad_requests_are_invalid_argument(stub, req, message):
+    for call in (lambda: stub.Generate(req, timeout=60), lambda: list(stub.GenerateStream(req, timeout=60))):
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert message in e.value.details()
+
+
+def test_backend_services_validate_too(cluster):
+    port = {c.service: c.port for c in cluster.children}
+    with grpc.insecure_channel(f"127.0.0.1:{port['lm']}") as ch:
+        lm = lm_pb2_grpc.LmServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            lm.Step(lm_pb2.StepRequest(session_id="nope", tokens=[1], max_new_tokens=1))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "no LM session" in e.value.details()
+        sid = lm.OpenSession(lm_pb2.OpenSessionRequest()).session_id
+        with pytest.raises(grpc.RpcError) as e:
+            lm.Step(lm_pb2.StepRequest(session_id=sid, tokens=[], max_new_tokens=1))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in e.value.details()
+        assert lm.CloseSession(lm_pb2.CloseSessionRequest(session_id=sid)).existed
+    with grpc.insecure_channel(f"127.0.0.1:{port['retriever']}") as ch:
+        rt = retriever_pb2_grpc.RetrieverServiceStub(ch)
+        bad = cpb.QueryKey(vector=np.zeros(5, dtype="<f4").tobytes())
+        with pytest.raises(grpc.RpcError) as e:
+            rt.Search(retriever_pb2.SearchRequest(retriever=EXACT, keys=[bad], k=1))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "384 float32" in e.value.details()
+        key = rt.Embed(retriever_pb2.EmbedRequest(retriever=EXACT, queries=["Super Bowl"])).keys[0]
+        with pytest.raises(grpc.RpcError) as e:
+            rt.Score(retriever_pb2.ScoreRequest(retriever=EXACT, key=key, passage_ids=[10**9]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "passage ids must be in" in e.value.details()
+
+
+def served(cluster, service) -> dict[str, int]:
+    r = redis.Redis.from_url(cluster.redis_url)
+    return {k.decode(): int(v) for k, v in r.hgetall(f"ralmspec:served:{service.stream}").items()}
+
+
+def test_work_spreads_over_replicas(stub, cluster, questions):
+    reqs = [pb.GenerateRequest(question=q.question, retriever=kind)
+            for q in questions[20:26] for kind in (EXACT, SPARSE)]
+    threads = [threading.Thread(target=stub.Generate, args=(r,), kwargs={"timeout": 300}) for r in reqs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for service in (RETRIEVER, VERIFIER):
+        counts = served(cluster, service)
+        assert len(counts) == 2 and min(counts.values()) > 0, (service.full_name, counts)
+
+
+def test_a_killed_retriever_replica_loses_no_request(stub, controller, cluster, questions):
+    reqs = [pb.GenerateRequest(prompt=f"{q.question} Background:\n", retriever=EXACT, max_new_tokens=24,
+                               speculation=spec(asynchronous=False, os3=False, stride=2))
+            for q in questions[30:34]]
+    want = [controller.run(to_request(r)).tokens for r in reqs]
+    got: list[list[int] | None] = [None] * len(reqs)
+
+    def ask(i: int) -> None:
+        got[i] = list(stub.Generate(reqs[i], timeout=300).token_ids)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    victim = next(c for c in cluster.children if c.service == "retriever")
+    os.kill(victim.proc.pid, signal.SIGKILL)  # mid-flight: its unacked entries must be reclaimed by the other
+    for t in threads:
+        t.join()
+    assert got == want
