@@ -101,17 +101,20 @@ class Cluster:
                     time.sleep(0.2)
 
     def stop(self, grace_s: float = 30.0) -> None:
-        """SIGTERM in reverse start order (the gateway first stops taking requests), then wait, then kill."""
-        for c in reversed(self.children):
-            if c.proc.poll() is None:
-                c.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + grace_s
-        for c in reversed(self.children):
-            try:
-                c.proc.wait(max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
+        """SIGTERM one service kind at a time in reverse start order, waiting for each to drain: the gateway
+        finishes its in-flight requests while the services they call are still up. Lingerers are killed."""
+        for service in reversed(ORDER):
+            group = [c for c in self.children if c.service == service]
+            for c in group:
+                if c.proc.poll() is None:
+                    c.proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + grace_s
+            for c in group:
+                try:
+                    c.proc.wait(max(0.1, end - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    c.proc.kill()
+                    c.proc.wait()
         self.children.clear()
         if self.redis is not None:
             self.redis.stop()
@@ -139,7 +142,7 @@ def up(profile: str, gateway_port: int, replicas: Mapping[str, int]) -> int:
     cluster.start()
     print(f"redis {cluster.redis_url}", flush=True)
     for c in cluster.children:
-        print(f"  {c.replica:<24} 127.0.0.1:{c.port}  log {c.log}", flush=True)
+        print(f"  {c.replica:<24} 127.0.0.1:{c.port}  pid {c.proc.pid}  log {c.log}", flush=True)
     print(f"gateway ready on {cluster.gateway} after {time.monotonic() - t:.1f} s (Ctrl-C stops everything)",
           flush=True)
     try:

@@ -47,7 +47,10 @@ def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA
         query_tokens=_bounded("query_tokens", req.query_tokens, 1, 256) if req.HasField("query_tokens") else 32,
         max_new_tokens=(_bounded("max_new_tokens", req.max_new_tokens, 1, MAX_NEW_TOKENS)
                         if req.HasField("max_new_tokens") else default_len),
-        stop_at_newline=newline)
+        stop_at_newline=newline,
+        deadline_s=req.deadline_s if req.HasField("deadline_s") else None)
+    if req.HasField("deadline_s") and not 0 < req.deadline_s <= 86_400:
+        raise InvalidRequest(f"deadline_s must be in (0, 86400] seconds, got {req.deadline_s}")
     spec = None
     if req.mode in (pb.MODE_UNSPECIFIED, pb.MODE_RALMSPEC):
         s = req.speculation

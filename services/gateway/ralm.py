@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from services.common.errors import InvalidRequest
+from services.common.ops import DeadlineExceeded
 from services.gateway.backends import Backends
 from services.lm.decoder import Emitted
 from services.lm.engine import StopSets
@@ -37,6 +38,7 @@ class RalmConfig:
     max_new_tokens: int = 128
     stop_at_newline: bool = True  # QA answers end at a newline (or EOS)
     max_input_tokens: int = 2048  # prompt + document + new tokens; bounds CPU time per request
+    deadline_s: float | None = None  # give up (DEADLINE_EXCEEDED) when a request runs longer than this
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -44,6 +46,20 @@ class RalmConfig:
         for name in ("stride", "query_tokens", "doc_tokens", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise InvalidRequest(f"deadline_s must be positive, got {self.deadline_s}")
+
+    def clock(self) -> Callable[[], None]:
+        """A check to call between strides: raises DeadlineExceeded once the request's deadline has passed."""
+        if self.deadline_s is None:
+            return lambda: None
+        end = time.monotonic() + self.deadline_s
+
+        def check() -> None:
+            if time.monotonic() > end:
+                raise DeadlineExceeded(f"the request ran past its {self.deadline_s:g} s deadline")
+
+        return check
 
 
 @dataclass
@@ -130,6 +146,7 @@ class RalmEngine:
         if cfg.mode == "lm-only" and schedule is None:
             raise InvalidRequest("lm-only needs the documents in advance (a schedule from a previous run)")
         lm = self.backends.lm
+        on_time = cfg.clock()
         sid = lm.open()
         try:
             res = RalmResult([], "", [], [])
@@ -142,6 +159,7 @@ class RalmEngine:
                 if emit:
                     emit(e.tokens)
             while cfg.mode != "no-retrieval" and len(res.tokens) < cfg.max_new_tokens:
+                on_time()
                 ctx = prompt_ids + res.tokens
                 # 1) the document of this stride
                 if ret is not None:

@@ -228,7 +228,9 @@ class _Run:
     def execute(self) -> RalmResult:
         self.plain_step(first=True)  # 0) the first step retrieves for real (the cache is empty), prefetching its top-k
         pending: tuple[list[_Step], Future[_Verdict]] | None = None
+        on_time = self.cfg.clock()
         while not (self.done() and pending is None):
+            on_time()
             s = 0 if self.done() else self.next_stride()
             if s == 0 and pending is None:
                 self.plain_step()

@@ -7,7 +7,8 @@ coroutine to the gateway's event loop, where one `StreamClient` multiplexes ever
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -17,7 +18,8 @@ from ralmspec.v1 import retriever_pb2 as rpb
 from ralmspec.v1 import verifier_pb2 as vpb
 
 from services.common.contracts import DATASTORE, LM, RETRIEVER, VERIFIER
-from services.common.ops import ServiceDef
+from services.common.errors import NotFound
+from services.common.ops import DeadlineExceeded, ServiceDef
 from services.common.transport import StreamClient
 from services.common.wire import hits_from_proto, key_from_proto, key_to_proto, retriever_kind
 from services.gateway.backends import Backends, Cache
@@ -26,6 +28,7 @@ from services.retriever.retriever import QueryKey, Retriever
 from services.retriever.types import Hit, check_search
 
 M = TypeVar("M", bound=Message)
+log = logging.getLogger(__name__)
 
 
 class Bridge:
@@ -41,26 +44,48 @@ class Bridge:
         return out
 
 
+LOST = (NotFound, DeadlineExceeded)  # a pinned replica restarted (state gone) or died (its stream unread)
+
+
 class RemoteLm:
+    """Sessions pinned to LM replicas. A step carries the whole sequence, so when a session's replica is lost
+    the step is replayed on a new session (any replica), which re-prefills: no request is lost with it."""
+
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
-        self.streams: dict[str, str] = {}  # session id -> the replica stream holding its KV cache
+        self.where: dict[str, tuple[str, str]] = {}  # our session id -> (replica's session id, replica stream)
+
+    def _open(self) -> tuple[str, str]:
+        r = self.bridge.call(LM, "OpenSession", lpb.OpenSessionRequest(), lpb.OpenSessionReply)
+        return r.session_id, r.replica_stream
 
     def open(self) -> str:
-        r = self.bridge.call(LM, "OpenSession", lpb.OpenSessionRequest(), lpb.OpenSessionReply)
-        self.streams[r.session_id] = r.replica_stream
-        return r.session_id
+        sid, stream = self._open()
+        self.where[sid] = (sid, stream)
+        return sid
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False) -> Emitted:
-        req = lpb.StepRequest(session_id=sid, tokens=list(seq), max_new_tokens=n, stop_at_newline=stop_at_newline,
-                              reprefill=reprefill)
-        r = self.bridge.call(LM, "Step", req, lpb.StepReply, self.streams[sid])
-        return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)
+        for attempt in (0, 1):
+            real, stream = self.where[sid]
+            req = lpb.StepRequest(session_id=real, tokens=list(seq), max_new_tokens=n,
+                                  stop_at_newline=stop_at_newline, reprefill=reprefill)
+            try:
+                r = self.bridge.call(LM, "Step", req, lpb.StepReply, stream)
+                return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)
+            except LOST as e:
+                if attempt:
+                    raise
+                log.warning("LM session %s on %s lost (%s); replaying the step on a new session", real, stream, e)
+                self.where[sid] = self._open()
+        raise AssertionError("unreachable")
 
     def close(self, sid: str) -> bool:
-        stream = self.streams.pop(sid)
-        return self.bridge.call(LM, "CloseSession", lpb.CloseSessionRequest(session_id=sid), lpb.CloseSessionReply,
-                                stream).existed
+        real, stream = self.where.pop(sid)
+        try:
+            return self.bridge.call(LM, "CloseSession", lpb.CloseSessionRequest(session_id=real),
+                                    lpb.CloseSessionReply, stream).existed
+        except LOST:
+            return False  # its replica is gone, and the session with it
 
 
 class RemoteRetriever:
@@ -90,29 +115,55 @@ class RemoteRetriever:
 
 
 class RemoteCache:
-    def __init__(self, bridge: Bridge, cache_id: str, stream: str) -> None:
-        self.bridge, self.cache_id, self.stream = bridge, cache_id, stream
-        self.size = 0
+    """A speculation cache pinned to a datastore replica. The passages inserted are kept here too, so a lost
+    replica's cache is rebuilt on another one with the same content (the same guesses follow)."""
+
+    def __init__(self, bridge: Bridge, retriever: str) -> None:
+        self.bridge, self.kind = bridge, retriever_kind(retriever)
+        self.pids: list[int] = []
+        self.seen: set[int] = set()
+        self.cache_id, self.stream = self._open()
+
+    def _open(self) -> tuple[str, str]:
+        r = self.bridge.call(DATASTORE, "OpenCache", dpb.OpenCacheRequest(retriever=self.kind), dpb.OpenCacheReply)
+        return r.cache_id, r.replica_stream
+
+    def _call(self, op: str, make: Callable[[str], Message], reply: type[M]) -> M:
+        try:
+            return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
+        except LOST as e:
+            log.warning("speculation cache %s on %s lost (%s); rebuilding it", self.cache_id, self.stream, e)
+            self.cache_id, self.stream = self._open()
+            if self.pids:
+                self.bridge.call(DATASTORE, "Insert", dpb.InsertRequest(cache_id=self.cache_id, passage_ids=self.pids),
+                                 dpb.InsertReply, self.stream)
+            return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
 
     def insert(self, pids: Sequence[int]) -> int:
-        r = self.bridge.call(DATASTORE, "Insert", dpb.InsertRequest(cache_id=self.cache_id, passage_ids=list(pids)),
-                             dpb.InsertReply, self.stream)
-        self.size = r.size
+        new = [p for p in dict.fromkeys(pids) if p >= 0 and p not in self.seen]
+        if not new:
+            return 0
+        r = self._call("Insert", lambda cid: dpb.InsertRequest(cache_id=cid, passage_ids=new), dpb.InsertReply)
+        self.pids += new
+        self.seen.update(new)
         return r.added
 
     def lookup(self, key: QueryKey, k: int = 1) -> list[Hit]:
-        if not self.size:  # an empty cache answers nothing: skip the hop
+        if not self.pids:  # an empty cache answers nothing: skip the hop
             return []
-        r = self.bridge.call(DATASTORE, "Lookup", dpb.LookupRequest(cache_id=self.cache_id, key=key_to_proto(key), k=k),
-                             dpb.LookupReply, self.stream)
+        pk = key_to_proto(key)
+        r = self._call("Lookup", lambda cid: dpb.LookupRequest(cache_id=cid, key=pk, k=k), dpb.LookupReply)
         return [Hit(h.score, h.passage_id) for h in r.hits]
 
     def __len__(self) -> int:
-        return self.size
+        return len(self.pids)
 
     def close(self) -> None:
-        self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id), dpb.CloseCacheReply,
-                         self.stream)
+        try:
+            self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id),
+                             dpb.CloseCacheReply, self.stream)
+        except LOST:
+            pass  # gone with its replica
 
 
 class RemoteCaches:
@@ -120,9 +171,7 @@ class RemoteCaches:
         self.bridge = bridge
 
     def open(self, retriever: str) -> Cache:
-        r = self.bridge.call(DATASTORE, "OpenCache", dpb.OpenCacheRequest(retriever=retriever_kind(retriever)),
-                             dpb.OpenCacheReply)
-        return RemoteCache(self.bridge, r.cache_id, r.replica_stream)
+        return RemoteCache(self.bridge, retriever)
 
 
 class RemoteVerifier:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -19,7 +20,7 @@ from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc, lm_pb2, lm_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
-from services.common.contracts import RETRIEVER, VERIFIER
+from services.common.contracts import LM, RETRIEVER, VERIFIER
 from services.gateway.api import to_request
 from services.gateway.controller import Controller
 from services.up import Cluster
@@ -27,13 +28,13 @@ from services.up import Cluster
 pytestmark = pytest.mark.slow
 
 EXACT, APPROX, SPARSE = cpb.RETRIEVER_KIND_EXACT, cpb.RETRIEVER_KIND_APPROX, cpb.RETRIEVER_KIND_SPARSE
-REPLICAS = {"lm": 1, "retriever": 2, "datastore": 1, "verifier": 2, "gateway": 1}
+REPLICAS = {"lm": 2, "retriever": 2, "datastore": 1, "verifier": 2, "gateway": 1}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    # A short claim time so the crash test's reclaim happens within seconds.
-    c = Cluster("tiny", REPLICAS, extra_env={"RALMSPEC_CLAIM_IDLE_MS": "3000"}).start()
+    # Short claim and call timeouts so the crash tests recover within seconds.
+    c = Cluster("tiny", REPLICAS, extra_env={"RALMSPEC_CLAIM_IDLE_MS": "3000", "RALMSPEC_CALL_TIMEOUT_S": "20"}).start()
     yield c
     c.stop()
 
@@ -112,6 +113,7 @@ def test_generate_stream_sends_the_reply_in_verified_pieces(stub, questions):
     (pb.GenerateRequest(question="Who?", mode=9), "unknown mode 9"),
     (pb.GenerateRequest(prompt="word " * 5000), "the prompt is 25000 characters"),
     (pb.GenerateRequest(prompt="word " * 3000, max_new_tokens=8), "over the limit"),
+    (pb.GenerateRequest(question="Who?", deadline_s=-1), "deadline_s must be in (0, 86400]"),
 ])
 def test_bad_requests_are_invalid_argument(stub, req, message):
     for call in (lambda: stub.Generate(req, timeout=60), lambda: list(stub.GenerateStream(req, timeout=60))):
@@ -119,6 +121,13 @@ def test_bad_requests_are_invalid_argument(stub, req, message):
             call()
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in e.value.details()
+
+
+def test_a_request_past_its_deadline_is_deadline_exceeded(stub):
+    req = pb.GenerateRequest(prompt="Tell me about the history of Europe.", max_new_tokens=400, deadline_s=0.5)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(req, timeout=120)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "0.5 s deadline" in e.value.details()
 
 
 def test_backend_services_validate_too(cluster):
@@ -158,15 +167,13 @@ def test_work_spreads_over_replicas(stub, cluster, questions):
         t.start()
     for t in threads:
         t.join()
-    for service in (RETRIEVER, VERIFIER):
+    for service in (LM, RETRIEVER, VERIFIER):
         counts = served(cluster, service)
         assert len(counts) == 2 and min(counts.values()) > 0, (service.full_name, counts)
 
 
-def test_a_killed_retriever_replica_loses_no_request(stub, controller, cluster, questions):
-    reqs = [pb.GenerateRequest(prompt=f"{q.question} Background:\n", retriever=EXACT, max_new_tokens=24,
-                               speculation=spec(asynchronous=False, os3=False, stride=2))
-            for q in questions[30:34]]
+def run_while_killing(stub, controller, reqs, victim) -> None:
+    """Send `reqs` concurrently, SIGKILL `victim` mid-flight, and check every reply equals the in-process one."""
     want = [controller.run(to_request(r)).tokens for r in reqs]
     got: list[list[int] | None] = [None] * len(reqs)
 
@@ -176,8 +183,27 @@ def test_a_killed_retriever_replica_loses_no_request(stub, controller, cluster, 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reqs))]
     for t in threads:
         t.start()
-    victim = next(c for c in cluster.children if c.service == "retriever")
-    os.kill(victim.proc.pid, signal.SIGKILL)  # mid-flight: its unacked entries must be reclaimed by the other
+    time.sleep(1.0)
+    os.kill(victim.proc.pid, signal.SIGKILL)
     for t in threads:
         t.join()
     assert got == want
+
+
+def long_requests(questions, first: int) -> list[pb.GenerateRequest]:
+    return [pb.GenerateRequest(prompt=f"{q.question} Background:\n", retriever=EXACT, max_new_tokens=24,
+                               speculation=spec(asynchronous=False, os3=False, stride=2))
+            for q in questions[first : first + 4]]
+
+
+def test_a_killed_retriever_replica_loses_no_request(stub, controller, cluster, questions):
+    # Its unacked entries are reclaimed by the other replica (XAUTOCLAIM after RALMSPEC_CLAIM_IDLE_MS).
+    victim = next(c for c in cluster.children if c.service == "retriever")
+    run_while_killing(stub, controller, long_requests(questions, 30), victim)
+
+
+def test_a_killed_lm_replica_loses_no_request(stub, controller, cluster, questions):
+    # Its sessions' steps time out (RALMSPEC_CALL_TIMEOUT_S) and are replayed on new sessions elsewhere: a step
+    # carries the whole sequence, so a fresh session only re-prefills.
+    victim = next(c for c in cluster.children if c.service == "lm")
+    run_while_killing(stub, controller, long_requests(questions, 40), victim)
