@@ -64,6 +64,10 @@ def _ask(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from services.serve import run
 
+    if args.die_with_parent:
+        from services.common.process import die_with_parent
+
+        die_with_parent()
     run(args.service, args.profile, args.port, args.retrievers, args.replica)
     return 0
 
@@ -105,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=None, help="gRPC port (default RALMSPEC_PORT, 0 = free)")
     sv.add_argument("--replica", default=None, help="consumer name (default <hostname>-<pid>)")
     sv.add_argument("--retrievers", nargs="+", choices=["exact", "approx", "sparse"], default=None)
+    sv.add_argument("--die-with-parent", action="store_true", help="exit when the parent process exits (`up`)")
     sv.set_defaults(run=_serve)
     u = sub.add_parser("up", help="start a local Redis and every service; print the gateway address")
     u.add_argument("--profile", choices=PROFILES, default=None)

@@ -1,6 +1,7 @@
 """`ralmspec up`: a local Redis (unless RALMSPEC_REDIS_URL is set) and every service as a child process.
 
-Children get free ports, write their logs under `<data>/run/logs/`, die with this process (PR_SET_PDEATHSIG),
+Children get free ports, write their logs under `<data>/run/logs/`, die with this process (PR_SET_PDEATHSIG, set
+by each child itself),
 and are stopped with SIGTERM (graceful drain) on Ctrl-C, then killed if they linger: no orphans.
 """
 
@@ -20,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import env
 from services.common.errors import Unavailable
-from services.common.redis_server import LocalRedis, child_preexec, free_port
+from services.common.redis_server import LocalRedis, free_port
 
 ORDER = ("lm", "retriever", "datastore", "verifier", "gateway")  # the gateway last: it serves the public API
 DEFAULT_REPLICAS: dict[str, int] = {name: 1 for name in ORDER}
@@ -76,10 +77,9 @@ class Cluster:
         log = logs / f"{replica}.log"
         child_env = {**os.environ, **self.extra_env, env.REDIS_URL.name: self.redis_url,
                      env.PROFILE.name: self.profile, env.PORT.name: str(port), env.REPLICA.name: replica}
-        cmd = [sys.executable, "-m", "services.cli", "serve", service]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT,
-                                    preexec_fn=child_preexec)
+        cmd = [sys.executable, "-m", "services.cli", "serve", service, "--die-with-parent"]
+        with open(log, "wb") as out:  # its own session: Ctrl-C reaches only `up`, which stops children in order
+            proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append(Child(service, replica, port, proc, log))
 
     def wait_healthy(self, timeout_s: float) -> None:

@@ -5,10 +5,7 @@ Runs on a free loopback port with persistence off (streams are transient work qu
 
 from __future__ import annotations
 
-import ctypes
-import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -17,14 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.common.errors import Unavailable
-
-
-def child_preexec() -> None:
-    """Runs in a child between fork and exec: its own process group (a terminal's Ctrl-C reaches only the
-    parent, which stops children in order) and SIGTERM when the parent dies (no orphans)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    os.setpgrp()
+from services.common.process import DIE_WITH_PARENT
 
 
 def free_port() -> int:
@@ -59,7 +49,9 @@ class LocalRedis:
         self.port = self.port or free_port()
         cmd = [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", str(self.workdir), "--protected-mode", "yes"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=child_preexec)
+        # Its own session: a terminal's Ctrl-C reaches only our process, which stops Redis last.
+        self.proc = subprocess.Popen([*DIE_WITH_PARENT, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     start_new_session=True)
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if self.proc.poll() is not None:
