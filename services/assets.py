@@ -1,7 +1,8 @@
 """`ralmspec assets --profile tiny|default|large`: build every asset of a profile, idempotently.
 
 Steps (each skipped when its output exists): corpus -> passages + questions; passage embeddings;
-FAISS flat / HNSW / IVF; Lucene BM25 index; the LM converted from GGUF to an HF folder.
+FAISS flat / HNSW / IVF; Lucene BM25 index; the LM converted from GGUF to an HF folder; REST's datastore
+(a suffix array over the passages' token ids under that LM's tokenizer).
 Each step's build time and size are recorded in `<profile>/manifest.json` and printed as a table.
 """
 
@@ -90,12 +91,26 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
 
         convert(model, lay.models)
 
+    def rest() -> None:
+        from services.datastore.rest_datastore import build_from_texts
+        from services.lm.model import load_tokenizer
+        from services.retriever.corpus import read_passages
+        from services.retriever.docstore import DocStore
+
+        tok, _ = load_tokenizer(model, lay.models)
+        store = DocStore(read_passages(lay.passages))
+        texts = (store.document(i) for i in range(len(store)))
+        encode = lambda t: list(tok(t, add_special_tokens=False).input_ids)  # type: ignore[operator]  # noqa: E731
+        print(f"building the REST datastore over {len(store)} passages", flush=True)
+        build_from_texts(texts, encode, len(tok), lay.rest_datastore(model))  # type: ignore[arg-type]
+
     _step(manifest, "corpus", lay.passages, corpus, lay.manifest)
     _step(manifest, "embeddings", lay.embeddings, embeddings, lay.manifest)
     for kind in ("flat", "hnsw", "ivf"):
         _step(manifest, f"faiss_{kind}", lay.faiss_index(kind), faiss_index(kind), lay.manifest)
     _step(manifest, "lucene", lay.lucene_index, lucene, lay.manifest)
     _step(manifest, f"lm_{model}", lay.models / model, lm, lay.manifest)
+    _step(manifest, f"rest_{model}", lay.rest_datastore(model), rest, lay.manifest)
     with lay.passages.open() as f:
         manifest["passages"] = sum(1 for _ in f)
     with lay.questions.open() as f:

@@ -56,6 +56,9 @@ class Layout:
     def lucene_index(self) -> Path:
         return self.root / "lucene"
 
+    def rest_datastore(self, model: str) -> Path:  # REST suffix array over this model's token ids of the passages
+        return self.root / f"rest_{model}.bin"
+
     @property
     def manifest(self) -> Path:  # build times and sizes per step
         return self.root / "manifest.json"
