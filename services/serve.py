@@ -17,6 +17,7 @@ from services.common import env
 from services.common.contracts import LM
 from services.common.serving import ServeSettings, serve
 from services.common.transport import StreamClient
+from services.datastore.proposers import LocalDrafts
 from services.gateway.settings import GatewaySettings
 from services.retriever.retriever import RETRIEVERS, Retriever
 
@@ -29,6 +30,14 @@ def _retrievers(engine: GatewaySettings, names: Sequence[str]) -> dict[str, Retr
 
     encoder = Encoder() if any(n != "sparse" for n in names) else None
     return {n: open_retriever(n, engine.layout, encoder) for n in names}
+
+
+def _drafts(engine: GatewaySettings) -> LocalDrafts:
+    """REST's datastore when built (`ralmspec assets`), memory-mapped; prompt lookup always."""
+    from services.datastore.rest_datastore import RestDatastore
+
+    path = engine.layout.rest_datastore(engine.model)
+    return LocalDrafts(RestDatastore.load(path) if path.exists() else None)
 
 
 def _closer(*pools: ThreadPoolExecutor) -> Callable[[], Awaitable[None]]:
@@ -62,7 +71,7 @@ async def serve_datastore(engine: GatewaySettings, s: ServeSettings, names: Sequ
     from services.common.contracts import DATASTORE
     from services.datastore.service import datastore_service
 
-    service, pool = datastore_service(_retrievers(engine, names), s.own_stream(DATASTORE))
+    service, pool = datastore_service(_retrievers(engine, names), s.own_stream(DATASTORE), _drafts(engine))
     await serve(service, s, pinned=True, on_close=_closer(pool))
 
 

@@ -36,6 +36,7 @@ DATASTORE = ServiceDef.of(
     Operation("Insert", ds.InsertRequest, ds.InsertReply),
     Operation("Lookup", ds.LookupRequest, ds.LookupReply),
     Operation("CloseCache", ds.CloseCacheRequest, ds.CloseCacheReply),
+    Operation("Propose", ds.ProposeRequest, ds.ProposeReply),
 )
 GATEWAY = ServiceDef.of(
     "ralmspec.v1.GatewayService", "ralmspec:gateway",

@@ -8,6 +8,7 @@ import numpy as np
 from ralmspec.v1 import common_pb2
 
 from services.common.errors import InvalidRequest
+from services.datastore.draft_tree import DraftTree
 from services.retriever.retriever import QueryKey
 from services.retriever.types import Hit
 
@@ -62,3 +63,20 @@ def hits_to_proto(row: Iterable[Hit]) -> common_pb2.HitList:
 
 def hits_from_proto(rows: Sequence[common_pb2.HitList]) -> list[list[Hit]]:
     return [[Hit(h.score, h.passage_id) for h in row.hits] for row in rows]
+
+
+def tree_to_proto(tree: DraftTree) -> common_pb2.DraftTree:
+    return common_pb2.DraftTree(tokens=tree.tokens.tolist(), parents=tree.parents.tolist())
+
+
+def tree_from_proto(tree: common_pb2.DraftTree) -> DraftTree:
+    """A client's tree, validated (parents must be -1 or an earlier node)."""
+    tokens = np.asarray(tree.tokens, dtype=np.int64)
+    parents = np.asarray(tree.parents, dtype=np.int64)
+    if tokens.shape != parents.shape:
+        raise InvalidRequest(f"a draft tree needs one parent per token: {len(tokens)} tokens, {len(parents)} parents")
+    if len(parents) and (np.any(parents < -1) or np.any(parents >= np.arange(len(parents)))):
+        raise InvalidRequest("draft tree parents must be -1 or the index of an earlier node")
+    if len(tokens) > 256:
+        raise InvalidRequest(f"a draft tree has at most 256 nodes, got {len(tokens)}")
+    return DraftTree.from_arrays(tokens, parents)

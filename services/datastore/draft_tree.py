@@ -40,6 +40,14 @@ class DraftTree:
         return cls(z, z.copy(), z.copy(), np.zeros(0, np.float64))
 
     @classmethod
+    def from_arrays(cls, tokens: np.ndarray, parents: np.ndarray) -> DraftTree:
+        """A tree received as arrays (parents already checked to precede their children); counts unknown (0)."""
+        depth = np.zeros(len(parents), np.int64)
+        for i, p in enumerate(parents.tolist()):
+            depth[i] = 1 if p < 0 else depth[p] + 1
+        return cls(tokens.astype(np.int64), parents.astype(np.int64), depth, np.zeros(len(tokens), np.float64))
+
+    @classmethod
     def from_continuations(cls, conts: Sequence[Sequence[int]], budget: int = 64,
                            weights: Sequence[float] | None = None) -> DraftTree:
         """`conts`: token lists (empty ones ignored); `weights`: one per continuation (default 1)."""

@@ -7,7 +7,11 @@ from typing import Protocol
 
 import numpy as np
 
+from services.common.errors import InvalidRequest
+from services.datastore.draft_tree import DraftTree
 from services.datastore.rest_datastore import RestDatastore
+
+DRAFTS = ("none", "rest", "prompt", "both")  # a request's draft source ("none": plain greedy)
 
 
 class Proposer(Protocol):
@@ -79,3 +83,21 @@ class Merged:
         for p in self.proposers:
             out.extend(p.propose(context))
         return out
+
+
+
+
+class LocalDrafts:
+    """Proposers on this process: REST's datastore (memory-mapped), prompt lookup over the context itself."""
+
+    def __init__(self, datastore: RestDatastore | None) -> None:
+        prompt = PromptLookup()
+        self.proposers: dict[str, Proposer] = {"prompt": prompt}
+        if datastore is not None:
+            rest = RestProposer(datastore)
+            self.proposers |= {"rest": rest, "both": Merged([rest, prompt])}
+
+    def propose(self, kind: str, context: Sequence[int], budget: int) -> DraftTree:
+        if kind not in self.proposers:
+            raise InvalidRequest(f"draft source {kind!r} is not available here (have: {', '.join(self.proposers)})")
+        return DraftTree.from_continuations(self.proposers[kind].propose(context), budget)

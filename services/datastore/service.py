@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import datastore_pb2 as pb
 
 from services.common.contracts import DATASTORE
 from services.common.errors import InvalidRequest, NotFound, Overloaded
 from services.common.ops import ServiceDef
-from services.common.wire import checked_key, hits_to_proto, retriever_name
+from services.common.wire import checked_key, hits_to_proto, retriever_name, tree_to_proto
+from services.datastore.proposers import LocalDrafts
 from services.datastore.speculation_cache import SpeculationCache
 from services.retriever.retriever import Retriever
 from services.retriever.service import check_pids, pick
@@ -66,7 +68,10 @@ class CacheTable:
             del self.entries[cid]
 
 
-def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str,
+SOURCES = {cpb.DRAFT_SOURCE_REST: "rest", cpb.DRAFT_SOURCE_PROMPT: "prompt", cpb.DRAFT_SOURCE_BOTH: "both"}
+
+
+def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, drafts: LocalDrafts,
                       threads: int = 2) -> tuple[ServiceDef, ThreadPoolExecutor]:
     table = CacheTable(retrievers)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="datastore")
@@ -92,5 +97,18 @@ def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str,
     async def close_cache(req: pb.CloseCacheRequest) -> pb.CloseCacheReply:
         return pb.CloseCacheReply(existed=table.close(req.cache_id))
 
-    return DATASTORE.bind(OpenCache=open_cache, Insert=insert, Lookup=lookup, CloseCache=close_cache), pool
+    async def propose(req: pb.ProposeRequest) -> pb.ProposeReply:
+        if req.source not in SOURCES:
+            raise InvalidRequest(f"draft source must be REST (2), PROMPT (3) or BOTH (4), got {req.source}")
+        if not 1 <= req.budget <= 256:
+            raise InvalidRequest(f"budget must be in 1..256 tree nodes, got {req.budget}")
+        if not req.context or min(req.context) < 0:
+            raise InvalidRequest("the context must be a non-empty list of token ids (>= 0)")
+        context = list(req.context)
+        tree = await asyncio.get_running_loop().run_in_executor(
+            pool, drafts.propose, SOURCES[req.source], context, req.budget)
+        return pb.ProposeReply(tree=tree_to_proto(tree))
+
+    return DATASTORE.bind(OpenCache=open_cache, Insert=insert, Lookup=lookup, CloseCache=close_cache,
+                          Propose=propose), pool
 

@@ -19,12 +19,21 @@ from services.verifier.verification import NO_DOC
 MAX_NEW_TOKENS = 1024
 MAX_PROMPT_CHARS = 20_000
 MODES = {pb.MODE_BASELINE_PAPER: "paper", pb.MODE_BASELINE_KV: "kv-reuse"}
+DRAFT_SOURCES: dict[int, str] = {cpb.DRAFT_SOURCE_UNSPECIFIED: "none", cpb.DRAFT_SOURCE_NONE: "none",
+                                  cpb.DRAFT_SOURCE_REST: "rest", cpb.DRAFT_SOURCE_PROMPT: "prompt",
+                                  cpb.DRAFT_SOURCE_BOTH: "both"}
 
 
 def _bounded(name: str, value: int, lo: int, hi: int) -> int:
     if not lo <= value <= hi:
         raise InvalidRequest(f"{name} must be in {lo}..{hi}, got {value}")
     return value
+
+
+def _draft(source: int) -> str:
+    if source not in DRAFT_SOURCES:
+        raise InvalidRequest(f"unknown draft source {source}; use NONE (1), REST (2), PROMPT (3) or BOTH (4)")
+    return DRAFT_SOURCES[source]
 
 
 def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA"]) -> Request:
@@ -48,7 +57,9 @@ def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA
         max_new_tokens=(_bounded("max_new_tokens", req.max_new_tokens, 1, MAX_NEW_TOKENS)
                         if req.HasField("max_new_tokens") else default_len),
         stop_at_newline=newline,
-        deadline_s=req.deadline_s if req.HasField("deadline_s") else None)
+        deadline_s=req.deadline_s if req.HasField("deadline_s") else None,
+        draft=_draft(req.draft),
+        draft_budget=_bounded("draft_budget", req.draft_budget, 1, 256) if req.HasField("draft_budget") else 16)
     if req.HasField("deadline_s") and not 0 < req.deadline_s <= 86_400:
         raise InvalidRequest(f"deadline_s must be in (0, 86400] seconds, got {req.deadline_s}")
     spec = None

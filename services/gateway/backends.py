@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.datastore.draft_tree import DraftTree
+from services.datastore.proposers import LocalDrafts
+from services.datastore.rest_datastore import RestDatastore
 from services.datastore.speculation_cache import SpeculationCache
 from services.lm.decoder import Emitted
 from services.lm.engine import LmEngine
@@ -22,7 +25,7 @@ class LmBackend(Protocol):
     def open(self) -> str: ...
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool,
-             reprefill: bool = False) -> Emitted: ...
+             reprefill: bool = False, tree: DraftTree | None = None) -> Emitted: ...
 
     def close(self, sid: str) -> bool: ...
 
@@ -49,12 +52,19 @@ class VerifyBackend(Protocol):
         ...
 
 
+class DraftBackend(Protocol):
+    def propose(self, kind: str, context: Sequence[int], budget: int) -> DraftTree:
+        """A draft tree of at most `budget` nodes continuing `context`; kind: rest | prompt | both."""
+        ...
+
+
 @dataclass
 class Backends:
     lm: LmBackend
     retrievers: dict[str, Retriever]  # embed + search (the baseline) for each retriever name
     caches: CacheBackend
     verifier: VerifyBackend
+    drafts: DraftBackend | None = None  # REST / prompt-lookup drafting (None: no datastore loaded)
 
 
 class LocalCache(SpeculationCache):
@@ -78,5 +88,5 @@ class LocalVerifier:
         return self.retrievers[retriever].search_embedded(keys, k)
 
 
-def local_backends(lm: LmEngine, retrievers: dict[str, Retriever]) -> Backends:
-    return Backends(lm, retrievers, LocalCaches(retrievers), LocalVerifier(retrievers))
+def local_backends(lm: LmEngine, retrievers: dict[str, Retriever], datastore: RestDatastore | None = None) -> Backends:
+    return Backends(lm, retrievers, LocalCaches(retrievers), LocalVerifier(retrievers), LocalDrafts(datastore))

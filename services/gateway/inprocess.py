@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from services.datastore.rest_datastore import RestDatastore
 from services.gateway.backends import local_backends
 from services.gateway.ralm import RalmEngine
 from services.gateway.settings import GatewaySettings
@@ -23,5 +24,7 @@ def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVER
     lm = LmEngine(load(settings.model, lay.models, settings.device, settings.dtype))
     encoder = Encoder() if any(r != "sparse" for r in retrievers) else None
     opened: dict[str, Retriever] = {r: open_retriever(r, lay, encoder) for r in retrievers}
+    rest = lay.rest_datastore(settings.model)
+    datastore = RestDatastore.load(rest) if rest.exists() else None  # memory-mapped: costs nothing until used
     return RalmEngine(lm.lm.tokenizer, lm.lm.max_positions, DocStore.load(lay.passages),
-                      local_backends(lm, opened), lm.stops)
+                      local_backends(lm, opened, datastore), lm.stops)

@@ -19,6 +19,7 @@ from functools import lru_cache
 
 from services.common.errors import InvalidRequest
 from services.common.ops import DeadlineExceeded
+from services.datastore.proposers import DRAFTS
 from services.gateway.backends import Backends
 from services.lm.decoder import Emitted
 from services.lm.engine import StopSets
@@ -39,6 +40,8 @@ class RalmConfig:
     stop_at_newline: bool = True  # QA answers end at a newline (or EOS)
     max_input_tokens: int = 2048  # prompt + document + new tokens; bounds CPU time per request
     deadline_s: float | None = None  # give up (DEADLINE_EXCEEDED) when a request runs longer than this
+    draft: str = "none"  # REST drafting inside each stride: none | rest | prompt (lookup in the context) | both
+    draft_budget: int = 16  # draft tree nodes per forward (CPU: a forward's cost grows with the tree)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -46,6 +49,12 @@ class RalmConfig:
         for name in ("stride", "query_tokens", "doc_tokens", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
+        if self.draft not in DRAFTS:
+            raise InvalidRequest(f"unknown draft source {self.draft!r}; choose one of: {', '.join(DRAFTS)}")
+        if self.draft != "none" and self.mode == "paper":
+            raise InvalidRequest("drafting extends the KV cache; the paper baseline re-prefills every stride")
+        if not 1 <= self.draft_budget <= 256:
+            raise InvalidRequest(f"draft_budget must be in 1..256, got {self.draft_budget}")
         if self.deadline_s is not None and self.deadline_s <= 0:
             raise InvalidRequest(f"deadline_s must be positive, got {self.deadline_s}")
 
@@ -110,7 +119,23 @@ class RalmEngine:
         """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context."""
         n = min(cfg.stride, cfg.max_new_tokens - len(generated))
         seq = self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + list(prompt_ids) + list(generated)
-        return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
+        if cfg.draft == "none":
+            return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
+        # REST: one forward per draft tree, re-drafted after each; never past this stride (the next one may
+        # put another document in front).
+        drafts = self.backends.drafts
+        if drafts is None:
+            raise InvalidRequest("drafting needs the REST datastore, which this runtime did not load")
+        out = Emitted()
+        while len(out.tokens) < n and not out.stopped:
+            tree = drafts.propose(cfg.draft, seq + out.tokens, cfg.draft_budget)
+            e = self.backends.lm.step(sid, seq + out.tokens, n - len(out.tokens), cfg.stop_at_newline, tree=tree)
+            out.tokens += e.tokens
+            out.gaps += e.gaps
+            out.forwards += e.forwards
+            out.fed += e.fed
+            out.stopped = e.stopped
+        return out
 
     def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
         text = self.decode(tokens)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from google.protobuf.message import Message
+from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import datastore_pb2 as dpb
 from ralmspec.v1 import lm_pb2 as lpb
 from ralmspec.v1 import retriever_pb2 as rpb
@@ -21,7 +22,15 @@ from services.common.contracts import DATASTORE, LM, RETRIEVER, VERIFIER
 from services.common.errors import NotFound
 from services.common.ops import DeadlineExceeded, ServiceDef
 from services.common.transport import StreamClient
-from services.common.wire import hits_from_proto, key_from_proto, key_to_proto, retriever_kind
+from services.common.wire import (
+    hits_from_proto,
+    key_from_proto,
+    key_to_proto,
+    retriever_kind,
+    tree_from_proto,
+    tree_to_proto,
+)
+from services.datastore.draft_tree import DraftTree
 from services.gateway.backends import Backends, Cache
 from services.lm.decoder import Emitted
 from services.retriever.retriever import QueryKey, Retriever
@@ -64,11 +73,13 @@ class RemoteLm:
         self.where[sid] = (sid, stream)
         return sid
 
-    def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False) -> Emitted:
+    def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
+             tree: DraftTree | None = None) -> Emitted:
+        draft = tree_to_proto(tree) if tree is not None else None
         for attempt in (0, 1):
             real, stream = self.where[sid]
             req = lpb.StepRequest(session_id=real, tokens=list(seq), max_new_tokens=n,
-                                  stop_at_newline=stop_at_newline, reprefill=reprefill)
+                                  stop_at_newline=stop_at_newline, reprefill=reprefill, draft=draft)
             try:
                 r = self.bridge.call(LM, "Step", req, lpb.StepReply, stream)
                 return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)
@@ -184,6 +195,17 @@ class RemoteVerifier:
         return hits_from_proto(self.bridge.call(VERIFIER, "Verify", req, vpb.VerifyReply).results)
 
 
+class RemoteDrafts:
+    SOURCES = {"rest": cpb.DRAFT_SOURCE_REST, "prompt": cpb.DRAFT_SOURCE_PROMPT, "both": cpb.DRAFT_SOURCE_BOTH}
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+
+    def propose(self, kind: str, context: Sequence[int], budget: int) -> DraftTree:
+        req = dpb.ProposeRequest(context=list(context), source=self.SOURCES[kind], budget=budget)
+        return tree_from_proto(self.bridge.call(DATASTORE, "Propose", req, dpb.ProposeReply).tree)
+
+
 def remote_backends(bridge: Bridge, retrievers: Sequence[str]) -> Backends:
     rets: dict[str, Retriever] = {r: RemoteRetriever(bridge, r) for r in retrievers}
-    return Backends(RemoteLm(bridge), rets, RemoteCaches(bridge), RemoteVerifier(bridge))
+    return Backends(RemoteLm(bridge), rets, RemoteCaches(bridge), RemoteVerifier(bridge), RemoteDrafts(bridge))

@@ -55,11 +55,23 @@ class Session:
     @torch.inference_mode()
     def logits_after(self, seq: Sequence[int], reuse: bool = True) -> torch.Tensor:
         """Next-token logits [vocab] (float32, on CPU) after `seq`, leaving the cache holding exactly `seq`."""
+        keep = self.hold_prefix(seq, reuse)
+        if keep == len(seq):
+            return self._last  # type: ignore[return-value]  # hold_prefix: the logits after seq are cached
+        pos = torch.arange(keep, len(seq))  # [n]
+        self._last = self.forward(seq[keep:], pos, None, 1)[0]
+        self.ids = list(seq)
+        return self._last
+
+    def hold_prefix(self, seq: Sequence[int], reuse: bool = True) -> int:
+        """Crop (or reset) the cache to the longest prefix of `seq` it can serve and return that prefix's length.
+        It is len(seq) only when the cache already holds exactly `seq` with its logits (`last`); otherwise at
+        least the last token of `seq` is left to feed."""
         if not seq:
             raise ValueError("cannot run the LM on an empty sequence")
         keep = _common_prefix(self.ids, seq) if reuse and self._cache is not None else 0
         if keep == len(seq) == len(self.ids) and self._last is not None:
-            return self._last
+            return keep
         keep = min(keep, len(seq) - 1)  # the last token must be fed to get its logits
         if keep < len(self.ids) and self._window is not None and len(self.ids) > self._window:
             keep = 0
@@ -67,16 +79,49 @@ class Session:
             self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[arg-type]
         elif keep < len(self.ids):
             self._cache.crop(keep - len(self.ids))  # type: ignore[union-attr]  # negative: drop the tail
-        new = torch.tensor([list(seq[keep:])], dtype=torch.long, device=self.lm.device)  # [1, n]
-        pos = torch.arange(keep, len(seq), device=self.lm.device).unsqueeze(0)  # [1, n]
-        out = self.lm.model(input_ids=new, past_key_values=self._cache, position_ids=pos, use_cache=True,
-                            logits_to_keep=1)
+        self.ids, self._last = list(seq[:keep]), None
+        return keep
+
+    @property
+    def last(self) -> torch.Tensor | None:
+        """[vocab] logits after `ids`, when known."""
+        return self._last
+
+    @torch.inference_mode()
+    def forward(self, tokens: Sequence[int], positions: torch.Tensor, mask: torch.Tensor | None,
+                keep_logits: int) -> torch.Tensor:
+        """One forward of `tokens` after the cached ones, appending their K/V; returns the logits [keep_logits,
+        vocab] (float32, on CPU) of the last `keep_logits` tokens. `positions` [n]; `mask` None (causal) or an
+        additive [1, 1, n, cached + n] mask. The caller owns `ids`/`last` afterwards (see `compact`)."""
+        if self._cache is None:
+            self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[arg-type]
+        dev = self.lm.device
+        new = torch.tensor([list(tokens)], dtype=torch.long, device=dev)  # [1, n]
+        out = self.lm.model(input_ids=new, past_key_values=self._cache, position_ids=positions.to(dev).unsqueeze(0),
+                            attention_mask=None if mask is None else mask.to(dev), use_cache=True,
+                            logits_to_keep=keep_logits)
         self._cache = out.past_key_values
-        self.ids = list(seq)
-        self._last = out.logits[0, -1].float().cpu()
         self.forwards += 1
         self.fed_tokens += new.shape[1]
-        return self._last
+        return out.logits[0].float().cpu()
+
+    def compact(self, keep: torch.Tensor, ids: Sequence[int], last: torch.Tensor) -> None:
+        """Keep only the cache slots `keep` [len(ids)] (ascending), which now hold `ids`; `last` [vocab] = the
+        logits after them."""
+        if self._cache is None or len(keep) != len(ids):
+            raise ValueError("compact needs a cache and one slot per kept token")
+        held = self._cache.get_seq_length()
+        if torch.equal(keep, torch.arange(len(ids))):
+            if len(ids) < held:
+                self._cache.crop(len(ids) - held)
+        else:
+            for layer in self._cache.layers:
+                idx = keep.to(layer.keys.device)  # type: ignore[union-attr]
+                layer.keys = layer.keys.index_select(-2, idx)  # type: ignore[union-attr]  # [batch, heads, seq, dim]
+                layer.values = layer.values.index_select(-2, idx)  # type: ignore[union-attr]
+                if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they were fed
+                    layer.cumulative_length = len(ids)
+        self.ids, self._last = list(ids), last
 
     def greedy(self, seq: Sequence[int], n: int, stop: frozenset[int], reuse: bool = True) -> Emitted:
         """Up to n greedy tokens after `seq`; stops after emitting a stop token. Only the first forward may

@@ -11,10 +11,12 @@ import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.errors import InvalidRequest, NotFound, Overloaded
 from services.lm.decoder import Emitted, Session
 from services.lm.model import LoadedLM
+from services.lm.tree_attention import tree_step
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,10 @@ class LmEngine:
         except KeyError:
             raise NotFound(f"no LM session {sid!r} on this replica (closed, or opened on another one)") from None
 
-    def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False) -> Emitted:
+    def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
+             tree: Any = None) -> Emitted:
+        """Up to n greedy tokens after `seq`. With a draft `tree` (`.tokens`, `.parents`), ONE forward verifies it
+        and emits the accepted path plus the model's next token (REST), capped at n."""
         if not seq:
             raise InvalidRequest("the token sequence is empty: a step needs at least one token")
         if n <= 0:
@@ -70,6 +75,10 @@ class LmEngine:
             raise InvalidRequest(f"token ids must be in 0..{self.vocab - 1}")
         if len(seq) + n > self.lm.max_positions:
             raise InvalidRequest(f"{len(seq)} tokens + {n} new exceed the model's {self.lm.max_positions} positions")
+        if tree is not None:
+            if reprefill:
+                raise InvalidRequest("draft trees extend the KV cache; they cannot be combined with re-prefill")
+            return tree_step(self.session(sid), seq, tree, max_new=n, stop=self.stops.get(stop_at_newline))
         return self.session(sid).greedy(seq, n, self.stops.get(stop_at_newline), reuse=not reprefill)
 
     def close(self, sid: str) -> bool:
