@@ -18,12 +18,14 @@ from services.retriever.retriever import RETRIEVERS, Retriever, open_retriever
 
 
 def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVERS) -> RalmEngine:
-    if settings.threads > 0:
-        torch.set_num_threads(settings.threads)
     lay = settings.layout
     lm = LmEngine(load(settings.model, lay.models, settings.device, settings.dtype))
     encoder = Encoder() if any(r != "sparse" for r in retrievers) else None
     opened: dict[str, Retriever] = {r: open_retriever(r, lay, encoder) for r in retrievers}
+    # torch and FAISS share one OpenMP runtime here: opening a dense index set both to FAISS's thread count.
+    # RALMSPEC_THREADS, when set, wins for both (the LM service process applies the same setting).
+    if settings.threads > 0:
+        torch.set_num_threads(settings.threads)
     rest = lay.rest_datastore(settings.model)
     datastore = RestDatastore.load(rest) if rest.exists() else None  # memory-mapped: costs nothing until used
     return RalmEngine(lm.lm.tokenizer, lm.lm.max_positions, DocStore.load(lay.passages),

@@ -33,8 +33,9 @@ REPLICAS = {"lm": 2, "retriever": 2, "datastore": 1, "verifier": 2, "gateway": 1
 
 @pytest.fixture(scope="module")
 def cluster():
-    # Short claim and call timeouts so the crash tests recover within seconds.
-    c = Cluster("tiny", REPLICAS, extra_env={"RALMSPEC_CLAIM_IDLE_MS": "3000", "RALMSPEC_CALL_TIMEOUT_S": "20"}).start()
+    # Short claim and call timeouts so the crash tests recover within a minute. The call timeout must still cover
+    # an LM step queued behind every other request's steps on a loaded 2-core machine.
+    c = Cluster("tiny", REPLICAS, extra_env={"RALMSPEC_CLAIM_IDLE_MS": "3000", "RALMSPEC_CALL_TIMEOUT_S": "60"}).start()
     yield c
     c.stop()
 
@@ -162,11 +163,20 @@ def served(cluster, service) -> dict[str, int]:
 def test_work_spreads_over_replicas(stub, cluster, questions):
     reqs = [pb.GenerateRequest(question=q.question, retriever=kind)
             for q in questions[20:26] for kind in (EXACT, SPARSE)]
-    threads = [threading.Thread(target=stub.Generate, args=(r,), kwargs={"timeout": 300}) for r in reqs]
+    errors: list[Exception] = []
+
+    def ask(r: pb.GenerateRequest) -> None:
+        try:
+            stub.Generate(r, timeout=300)
+        except Exception as e:  # collected: every request must succeed
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(r,)) for r in reqs]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert errors == []
     for service in (LM, RETRIEVER, VERIFIER):
         counts = served(cluster, service)
         assert len(counts) == 2 and min(counts.values()) > 0, (service.full_name, counts)

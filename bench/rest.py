@@ -1,0 +1,139 @@
+"""REST drafting vs greedy decoding on the RaLM workload (one run, same prompts, outputs checked equal).
+
+    python -m bench.rest --profile default --prompts 8 --max-new-tokens 64
+
+Each prompt is what iterative RaLM feeds the LM: the top-1 passage for the question, then the QA prompt.
+Rows: greedy; REST (corpus datastore); prompt lookup (drafts from the context itself, i.e. the passage);
+both merged into one tree; HF transformers' own `generate(prompt_lookup_num_tokens=10)` as the outside peer.
+Then the RaLM combination: RaLMSpec (+P) with and without drafting inside each stride, vs both baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.results_io import write
+from services.common.equivalence import compare
+from services.gateway.inprocess import open_engine
+from services.gateway.prompts import qa_prompt
+from services.gateway.ralm import RalmConfig
+from services.gateway.ralmspec import PRESETS, SpeculativeRalm
+from services.gateway.settings import GatewaySettings
+from services.lm.decoder import Emitted
+from services.retriever.corpus import read_questions
+
+
+def decode(engine, seq: list[int], n: int, draft: str, budget: int) -> tuple[Emitted, float]:  # type: ignore[no-untyped-def]
+    lm, drafts = engine.backends.lm, engine.backends.drafts
+    sid = lm.open()
+    out = Emitted()
+    t = time.perf_counter()
+    try:
+        if draft == "none":
+            out = lm.step(sid, seq, n, False)
+        while draft != "none" and len(out.tokens) < n:
+            tree = drafts.propose(draft, seq + out.tokens, budget)
+            e = lm.step(sid, seq + out.tokens, n - len(out.tokens), False, tree=tree)
+            out.tokens += e.tokens
+            out.gaps += e.gaps
+            out.forwards += e.forwards
+    finally:
+        lm.close(sid)
+    return out, time.perf_counter() - t
+
+
+def hf_prompt_lookup(engine, seq: list[int], n: int) -> tuple[list[int], float]:  # type: ignore[no-untyped-def]
+    model = engine.backends.lm.lm.model
+    ids = torch.tensor([seq])
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                             do_sample=False, prompt_lookup_num_tokens=10, pad_token_id=engine.tok.eos_token_id)
+    return out[0, len(seq):].tolist(), time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--budgets", nargs="+", type=int, default=[8, 16])
+    ap.add_argument("--ralm-requests", type=int, default=3)
+    args = ap.parse_args()
+    settings = GatewaySettings.from_env(profile=args.profile)
+    engine = open_engine(settings)
+    if engine.backends.drafts is None or "rest" not in engine.backends.drafts.proposers:  # type: ignore[attr-defined]
+        raise SystemExit(f"no REST datastore for {args.profile}: run `ralmspec assets --profile {args.profile}`")
+    questions = read_questions(settings.layout.questions)
+    picked = questions[3 :: max(1, len(questions) // args.prompts)][: args.prompts]
+    exact = engine.retriever("exact")
+    seqs = []
+    for q in picked:
+        prompt = engine.encode(qa_prompt(q.question))
+        pid = exact.search([engine.query(prompt, RalmConfig())], 1)[0][0].pid
+        seqs.append(engine.bos + list(engine.doc_ids(pid, 256)) + prompt)
+    n = args.max_new_tokens
+    decode(engine, seqs[0], 4, "none", 8)  # warm up
+    methods = [("greedy", "none", 0)] + [(f"{name} (c={b})", src, b) for b in args.budgets
+                                          for name, src in (("rest", "rest"), ("prompt-lookup", "prompt"),
+                                                            ("rest+prompt-lookup", "both"))]
+    runs: dict[str, list[tuple[Emitted, float]]] = {m: [] for m, _, _ in methods}
+    hf: list[tuple[list[int], float]] = []
+    for seq in seqs:  # methods interleaved per prompt: machine drift hits all alike
+        for name, src, b in methods:
+            runs[name].append(decode(engine, seq, n, src, b))
+        hf.append(hf_prompt_lookup(engine, seq, n))
+    base = runs["greedy"]
+    tps = lambda rs: sum(len(e.tokens) for e, _ in rs) / sum(s for _, s in rs)  # noqa: E731
+    rows = []
+    for name, _, b in methods:
+        rs = runs[name]
+        verdicts = [compare(g.tokens, g.gaps, e.tokens, e.gaps) for (g, _), (e, _) in zip(base, rs)]
+        rows.append({"method": name.split(" ")[0], "budget": b or None, "tokens_per_s": tps(rs),
+                     "accepted_per_forward": sum(len(e.tokens) for e, _ in rs) / sum(e.forwards for e, _ in rs),
+                     "speedup_vs_greedy": tps(rs) / tps(base), "identical": all(v.identical for v in verdicts),
+                     "near_ties": sum(v.near_tie for v in verdicts)})
+        print(rows[-1], flush=True)
+    hf_tps = sum(len(t) for t, _ in hf) / sum(s for _, s in hf)
+    rows.append({"method": "hf-prompt-lookup", "budget": 10, "tokens_per_s": hf_tps, "accepted_per_forward": None,
+                 "speedup_vs_greedy": hf_tps / tps(base),
+                 "identical": all(t == g.tokens for t, (g, _) in zip(hf, base)), "near_ties": 0})
+    print(rows[-1], flush=True)
+    # The RaLM combination: iterative retrieval with speculation, with and without drafting in each stride.
+    spec = SpeculativeRalm(engine)
+    prompts = [qa_prompt(q.question) for q in picked[: args.ralm_requests]]
+    best = max((r for r in rows if r["method"] != "hf-prompt-lookup" and r["budget"]), key=lambda r: r["tokens_per_s"])
+    combo = []
+    for p in prompts:
+        cfg = RalmConfig(max_new_tokens=128, stop_at_newline=False)
+        drafted = RalmConfig(max_new_tokens=128, stop_at_newline=False, draft="both", draft_budget=best["budget"])
+        kv = engine.generate(p, cfg, "exact")
+        paper = engine.generate(p, RalmConfig(mode="paper", max_new_tokens=128, stop_at_newline=False), "exact")
+        plain = spec.generate(p, cfg, PRESETS["+P"], "exact")
+        both = spec.generate(p, drafted, PRESETS["+P"], "exact")
+        combo.append({"paper": paper.total_s, "kv": kv.total_s, "ralmspec+P": plain.total_s,
+                      "ralmspec+P+rest": both.total_s, "identical": both.tokens == kv.tokens == plain.tokens,
+                      "forwards": (plain.lm_forwards, both.lm_forwards)})
+        print(combo[-1], flush=True)
+    mean = {k: statistics.mean(c[k] for c in combo) for k in ("paper", "kv", "ralmspec+P", "ralmspec+P+rest")}
+    combination = {**mean, "speedup_vs_paper": mean["paper"] / mean["ralmspec+P+rest"],
+                   "speedup_vs_kv": mean["kv"] / mean["ralmspec+P+rest"],
+                   "speedup_vs_ralmspec": mean["ralmspec+P"] / mean["ralmspec+P+rest"],
+                   "identical": all(c["identical"] for c in combo), "requests": len(combo)}
+    write("rest", {"profile": args.profile, "prompts": len(seqs), "max_new_tokens": n,
+                   "torch_threads": torch.get_num_threads(), "rows": rows, "ralm_combination": combination},
+          ["method", "budget", "tokens_per_s", "accepted_per_forward", "speedup_vs_greedy", "identical", "near_ties"],
+          f"REST on the RaLM workload ({args.profile}: passage + QA prompt, {len(seqs)} prompts x {n} tokens)",
+          f"RaLM combination (exact retriever, 128 tokens, {len(combo)} requests, drafts from both sources, "
+          f"c = {best['budget']}): paper {mean['paper']:.1f} s, kv {mean['kv']:.1f} s, RaLMSpec +P "
+          f"{mean['ralmspec+P']:.1f} s, RaLMSpec +P with drafting {mean['ralmspec+P+rest']:.1f} s "
+          f"({combination['speedup_vs_ralmspec']:.2f}x over RaLMSpec +P, {combination['speedup_vs_paper']:.2f}x over "
+          f"the paper baseline); identical {combination['identical']}.")
+
+
+if __name__ == "__main__":
+    main()
