@@ -35,12 +35,13 @@ def decode(engine, seq: list[int], n: int, draft: str, budget: int) -> tuple[Emi
     try:
         if draft == "none":
             out = lm.step(sid, seq, n, False)
-        while draft != "none" and len(out.tokens) < n:
+        while draft != "none" and len(out.tokens) < n and not out.stopped:
             tree = drafts.propose(draft, seq + out.tokens, budget)
             e = lm.step(sid, seq + out.tokens, n - len(out.tokens), False, tree=tree)
             out.tokens += e.tokens
             out.gaps += e.gaps
             out.forwards += e.forwards
+            out.stopped = e.stopped  # EOS ends the answer, as it ends greedy decoding
     finally:
         lm.close(sid)
     return out, time.perf_counter() - t
@@ -51,8 +52,9 @@ def hf_prompt_lookup(engine, seq: list[int], n: int) -> tuple[list[int], float]:
     ids = torch.tensor([seq])
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, prompt_lookup_num_tokens=10, pad_token_id=engine.tok.eos_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             prompt_lookup_num_tokens=10, eos_token_id=engine.tok.eos_token_id,
+                             pad_token_id=engine.tok.eos_token_id)
     return out[0, len(seq):].tolist(), time.perf_counter() - t
 
 
@@ -96,12 +98,13 @@ def main() -> None:
         rows.append({"method": name.split(" ")[0], "budget": b or None, "tokens_per_s": tps(rs),
                      "accepted_per_forward": sum(len(e.tokens) for e, _ in rs) / sum(e.forwards for e, _ in rs),
                      "speedup_vs_greedy": tps(rs) / tps(base), "identical": all(v.identical for v in verdicts),
-                     "near_ties": sum(v.near_tie for v in verdicts)})
+                     "near_ties": sum(v.near_tie for v in verdicts), "mismatches": sum(not v.ok for v in verdicts)})
         print(rows[-1], flush=True)
     hf_tps = sum(len(t) for t, _ in hf) / sum(s for _, s in hf)
     rows.append({"method": "hf-prompt-lookup", "budget": 10, "tokens_per_s": hf_tps, "accepted_per_forward": None,
                  "speedup_vs_greedy": hf_tps / tps(base),
-                 "identical": all(t == g.tokens for t, (g, _) in zip(hf, base)), "near_ties": 0})
+                 "identical": all(t == g.tokens for t, (g, _) in zip(hf, base)), "near_ties": 0,
+                 "mismatches": sum(t != g.tokens for t, (g, _) in zip(hf, base))})
     print(rows[-1], flush=True)
     # The RaLM combination: iterative retrieval with speculation, with and without drafting in each stride.
     spec = SpeculativeRalm(engine)
@@ -126,7 +129,8 @@ def main() -> None:
                    "identical": all(c["identical"] for c in combo), "requests": len(combo)}
     write("rest", {"profile": args.profile, "prompts": len(seqs), "max_new_tokens": n,
                    "torch_threads": torch.get_num_threads(), "rows": rows, "ralm_combination": combination},
-          ["method", "budget", "tokens_per_s", "accepted_per_forward", "speedup_vs_greedy", "identical", "near_ties"],
+          ["method", "budget", "tokens_per_s", "accepted_per_forward", "speedup_vs_greedy", "identical", "near_ties",
+           "mismatches"],
           f"REST on the RaLM workload ({args.profile}: passage + QA prompt, {len(seqs)} prompts x {n} tokens)",
           f"RaLM combination (exact retriever, 128 tokens, {len(combo)} requests, drafts from both sources, "
           f"c = {best['budget']}): paper {mean['paper']:.1f} s, kv {mean['kv']:.1f} s, RaLMSpec +P "

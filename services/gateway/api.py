@@ -62,6 +62,7 @@ def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA
         draft_budget=_bounded("draft_budget", req.draft_budget, 1, 256) if req.HasField("draft_budget") else 16)
     if req.HasField("deadline_s") and not 0 < req.deadline_s <= 86_400:
         raise InvalidRequest(f"deadline_s must be in (0, 86400] seconds, got {req.deadline_s}")
+    cfg.validate()
     spec = None
     if req.mode in (pb.MODE_UNSPECIFIED, pb.MODE_RALMSPEC):
         s = req.speculation

@@ -74,6 +74,9 @@ def cases(questions) -> list[pb.GenerateRequest]:
                                speculation=spec(stride=3, prefetch=False, os3=False, asynchronous=False)),
             pb.GenerateRequest(prompt=prompt, retriever=kind, mode=pb.MODE_RALMSPEC, max_new_tokens=40,
                                speculation=spec(prefetch=True, prefetch_k=5, os3=True, asynchronous=True)),
+            # REST drafting inside each stride: drafts from the datastore service, tree verified by the LM service
+            pb.GenerateRequest(prompt=prompt, retriever=kind, mode=pb.MODE_RALMSPEC, max_new_tokens=40,
+                               draft=cpb.DRAFT_SOURCE_BOTH, draft_budget=8, speculation=spec(prefetch=True)),
         ]
     return out
 
@@ -115,6 +118,11 @@ def test_generate_stream_sends_the_reply_in_verified_pieces(stub, questions):
     (pb.GenerateRequest(prompt="word " * 5000), "the prompt is 25000 characters"),
     (pb.GenerateRequest(prompt="word " * 3000, max_new_tokens=8), "over the limit"),
     (pb.GenerateRequest(question="Who?", deadline_s=-1), "deadline_s must be in (0, 86400]"),
+    (pb.GenerateRequest(question="Who?", draft=9), "unknown draft source 9"),
+    (pb.GenerateRequest(question="Who?", draft=cpb.DRAFT_SOURCE_REST, draft_budget=0),
+     "draft_budget must be in 1..256"),
+    (pb.GenerateRequest(question="Who?", draft=cpb.DRAFT_SOURCE_REST, mode=pb.MODE_BASELINE_PAPER),
+     "the paper baseline re-prefills"),
 ])
 def test_bad_requests_are_invalid_argument(stub, req, message):
     for call in (lambda: stub.Generate(req, timeout=60), lambda: list(stub.GenerateStream(req, timeout=60))):
