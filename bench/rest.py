@@ -103,8 +103,8 @@ def main() -> None:
     hf_tps = sum(len(t) for t, _ in hf) / sum(s for _, s in hf)
     rows.append({"method": "hf-prompt-lookup", "budget": 10, "tokens_per_s": hf_tps, "accepted_per_forward": None,
                  "speedup_vs_greedy": hf_tps / tps(base),
-                 "identical": all(t == g.tokens for t, (g, _) in zip(hf, base)), "near_ties": 0,
-                 "mismatches": sum(t != g.tokens for t, (g, _) in zip(hf, base))})
+                 "identical": all(t == g.tokens for (t, _), (g, _) in zip(hf, base)), "near_ties": 0,
+                 "mismatches": sum(t != g.tokens for (t, _), (g, _) in zip(hf, base))})
     print(rows[-1], flush=True)
     # The RaLM combination: iterative retrieval with speculation, with and without drafting in each stride.
     spec = SpeculativeRalm(engine)
