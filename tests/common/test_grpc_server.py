@@ -37,7 +37,12 @@ async def boom(req: StringValue) -> StringValue:
     raise RuntimeError("kaput")
 
 
+SLOW_ENTERED: list[asyncio.Event] = []  # set when a Slow call is inside its handler (tests wait on it, not a sleep)
+
+
 async def slow(req: StringValue) -> StringValue:
+    for e in SLOW_ENTERED:
+        e.set()
     await asyncio.sleep(SLOW_S)
     return StringValue(value="slow done")
 
@@ -159,8 +164,13 @@ async def test_reflection_lists_services(client: GrpcClient) -> None:
 
 @pytest.mark.asyncio
 async def test_graceful_stop_lets_in_flight_call_finish(server: GrpcServer, client: GrpcClient) -> None:
-    in_flight = asyncio.create_task(client.call(ECHO, ECHO.ops["Slow"], StringValue(), timeout_s=5))
-    await asyncio.sleep(0.1)  # the call has reached the handler
+    entered = asyncio.Event()
+    SLOW_ENTERED.append(entered)
+    try:
+        in_flight = asyncio.create_task(client.call(ECHO, ECHO.ops["Slow"], StringValue(), timeout_s=30))
+        await asyncio.wait_for(entered.wait(), 30)  # the call has reached the handler (however loaded the machine)
+    finally:
+        SLOW_ENTERED.remove(entered)
     await server.stop(grace_s=5)  # returns once the in-flight call is done
     assert in_flight.done()
     assert (await in_flight).value == "slow done"
