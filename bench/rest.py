@@ -18,6 +18,7 @@ import torch
 
 from bench.results_io import write
 from services.common.equivalence import compare
+from services.gateway.backends import drafted_greedy
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
 from services.gateway.ralm import RalmConfig
@@ -28,20 +29,12 @@ from services.retriever.corpus import read_questions
 
 
 def decode(engine, seq: list[int], n: int, draft: str, budget: int) -> tuple[Emitted, float]:  # type: ignore[no-untyped-def]
-    lm, drafts = engine.backends.lm, engine.backends.drafts
+    lm = engine.backends.lm
     sid = lm.open()
-    out = Emitted()
     t = time.perf_counter()
     try:
-        if draft == "none":
-            out = lm.step(sid, seq, n, False)
-        while draft != "none" and len(out.tokens) < n and not out.stopped:
-            tree = drafts.propose(draft, seq + out.tokens, budget)
-            e = lm.step(sid, seq + out.tokens, n - len(out.tokens), False, tree=tree)
-            out.tokens += e.tokens
-            out.gaps += e.gaps
-            out.forwards += e.forwards
-            out.stopped = e.stopped  # EOS ends the answer, as it ends greedy decoding
+        out = (lm.step(sid, seq, n, False) if draft == "none"
+               else drafted_greedy(engine.backends, sid, seq, n, False, draft, budget))
     finally:
         lm.close(sid)
     return out, time.perf_counter() - t

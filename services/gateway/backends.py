@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from services.common.errors import InvalidRequest
 from services.datastore.draft_tree import DraftTree
 from services.datastore.proposers import LocalDrafts
 from services.datastore.rest_datastore import RestDatastore
@@ -65,6 +66,25 @@ class Backends:
     caches: CacheBackend
     verifier: VerifyBackend
     drafts: DraftBackend | None = None  # REST / prompt-lookup drafting (None: no datastore loaded)
+
+
+def drafted_greedy(backends: Backends, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, draft: str,
+                   budget: int) -> Emitted:
+    """Up to n greedy tokens after `seq` by REST: draft a tree, verify it in one LM forward, re-draft after
+    each step (the context grew), until n tokens or a stop token."""
+    if backends.drafts is None:
+        raise InvalidRequest("drafting needs the REST datastore, which this runtime did not load")
+    out = Emitted()
+    while len(out.tokens) < n and not out.stopped:
+        ctx = list(seq) + out.tokens
+        e = backends.lm.step(sid, ctx, n - len(out.tokens), stop_at_newline,
+                             tree=backends.drafts.propose(draft, ctx, budget))
+        out.tokens += e.tokens
+        out.gaps += e.gaps
+        out.forwards += e.forwards
+        out.fed += e.fed
+        out.stopped = e.stopped
+    return out
 
 
 class LocalCache(SpeculationCache):

@@ -20,7 +20,7 @@ from functools import lru_cache
 from services.common.errors import InvalidRequest
 from services.common.ops import DeadlineExceeded
 from services.datastore.proposers import DRAFTS
-from services.gateway.backends import Backends
+from services.gateway.backends import Backends, drafted_greedy
 from services.lm.decoder import Emitted
 from services.lm.engine import StopSets
 from services.retriever.docstore import DocStore
@@ -121,21 +121,8 @@ class RalmEngine:
         seq = self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + list(prompt_ids) + list(generated)
         if cfg.draft == "none":
             return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
-        # REST: one forward per draft tree, re-drafted after each; never past this stride (the next one may
-        # put another document in front).
-        drafts = self.backends.drafts
-        if drafts is None:
-            raise InvalidRequest("drafting needs the REST datastore, which this runtime did not load")
-        out = Emitted()
-        while len(out.tokens) < n and not out.stopped:
-            tree = drafts.propose(cfg.draft, seq + out.tokens, cfg.draft_budget)
-            e = self.backends.lm.step(sid, seq + out.tokens, n - len(out.tokens), cfg.stop_at_newline, tree=tree)
-            out.tokens += e.tokens
-            out.gaps += e.gaps
-            out.forwards += e.forwards
-            out.fed += e.fed
-            out.stopped = e.stopped
-        return out
+        # REST drafting, capped at this stride: the next stride may put another document in front.
+        return drafted_greedy(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget)
 
     def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
         text = self.decode(tokens)

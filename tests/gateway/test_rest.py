@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from services.common.equivalence import compare
+from services.gateway.backends import drafted_greedy
 from services.gateway.prompts import qa_prompt
 from services.gateway.ralm import RalmConfig
 from services.gateway.ralmspec import PRESETS, SpeculativeRalm
@@ -16,19 +17,12 @@ TOKENS = 12  # per prompt; 100 prompts keep this test near 3 minutes on 2 cores
 
 
 def drafted(engine, seq: list[int], n: int, source: str, budget: int) -> Emitted:
-    lm, drafts = engine.backends.lm, engine.backends.drafts
+    lm = engine.backends.lm
     sid = lm.open()
-    out = Emitted()
     try:
-        while len(out.tokens) < n and not out.stopped:
-            tree = drafts.propose(source, seq + out.tokens, budget)
-            e = lm.step(sid, seq + out.tokens, n - len(out.tokens), False, tree=tree)
-            out.tokens, out.gaps = out.tokens + e.tokens, out.gaps + e.gaps
-            out.forwards += e.forwards
-            out.stopped = e.stopped
+        return drafted_greedy(engine.backends, sid, seq, n, False, source, budget)
     finally:
         lm.close(sid)
-    return out
 
 
 def greedy(engine, seq: list[int], n: int) -> Emitted:
