@@ -43,6 +43,7 @@ class Session:
         self.ids: list[int] = []  # tokens whose K/V are in the cache, in order
         self._cache: DynamicCache | None = None
         self._last: torch.Tensor | None = None  # [vocab] logits after self.ids
+        self._hidden: torch.Tensor | None = None  # [d] final hidden state after self.ids, when it was asked for
         self.forwards = 0
         self.fed_tokens = 0  # tokens pushed through the model (prefill + decode)
         # Sliding-window layers (Gemma 3) keep only the last `window` positions: past that, a crop cannot
@@ -50,7 +51,7 @@ class Session:
         self._window: int | None = getattr(lm.model.config, "sliding_window", None)  # type: ignore[attr-defined]
 
     def reset(self) -> None:
-        self.ids, self._cache, self._last = [], None, None
+        self.ids, self._cache, self._last, self._hidden = [], None, None, None
 
     @torch.inference_mode()
     def logits_after(self, seq: Sequence[int], reuse: bool = True) -> torch.Tensor:
@@ -63,6 +64,21 @@ class Session:
         self.ids = list(seq)
         return self._last
 
+    @torch.inference_mode()
+    def state_after(self, seq: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final hidden state [d], logits [vocab]) after `seq`, both float32 on CPU: KNN-LM's query (the vector
+        the LM head reads, after the final norm) and p_LM. Reuses the cache like `logits_after`."""
+        keep = self.hold_prefix(seq)
+        if keep == len(seq) and self._hidden is not None:
+            return self._hidden, self._last  # type: ignore[return-value]
+        keep = min(keep, len(seq) - 1)  # cached logits but no hidden state: feed the last token again
+        if keep < len(self.ids):
+            self._cache.crop(keep - len(self.ids))  # type: ignore[union-attr]
+        pos = torch.arange(keep, len(seq))  # [n]
+        self._last = self.forward(seq[keep:], pos, None, 1, hidden=True)[0]
+        self.ids = list(seq)
+        return self._hidden, self._last  # type: ignore[return-value]
+
     def hold_prefix(self, seq: Sequence[int], reuse: bool = True) -> int:
         """Crop (or reset) the cache to the longest prefix of `seq` it can serve and return that prefix's length.
         It is len(seq) only when the cache already holds exactly `seq` with its logits (`last`); otherwise at
@@ -73,6 +89,7 @@ class Session:
         if keep == len(seq) == len(self.ids) and self._last is not None:
             return keep
         keep = min(keep, len(seq) - 1)  # the last token must be fed to get its logits
+        self._hidden = None
         if keep < len(self.ids) and self._window is not None and len(self.ids) > self._window:
             keep = 0
         if keep == 0:
@@ -89,18 +106,21 @@ class Session:
 
     @torch.inference_mode()
     def forward(self, tokens: Sequence[int], positions: torch.Tensor, mask: torch.Tensor | None,
-                keep_logits: int) -> torch.Tensor:
+                keep_logits: int, hidden: bool = False) -> torch.Tensor:
         """One forward of `tokens` after the cached ones, appending their K/V; returns the logits [keep_logits,
         vocab] (float32, on CPU) of the last `keep_logits` tokens. `positions` [n]; `mask` None (causal) or an
-        additive [1, 1, n, cached + n] mask. The caller owns `ids`/`last` afterwards (see `compact`)."""
+        additive [1, 1, n, cached + n] mask. The caller owns `ids`/`last` afterwards (see `compact`). `hidden`: also
+        keep the last token's final hidden state (the input of the LM head) for `state_after`."""
         if self._cache is None:
             self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[arg-type]
         dev = self.lm.device
         new = torch.tensor([list(tokens)], dtype=torch.long, device=dev)  # [1, n]
         out = self.lm.model(input_ids=new, past_key_values=self._cache, position_ids=positions.to(dev).unsqueeze(0),
                             attention_mask=None if mask is None else mask.to(dev), use_cache=True,
-                            logits_to_keep=keep_logits)
+                            logits_to_keep=keep_logits, output_hidden_states=hidden)
         self._cache = out.past_key_values
+        # hidden_states[-1] is the final norm's output (checked equal to base_model's last_hidden_state)
+        self._hidden = out.hidden_states[-1][0, -1].float().cpu() if hidden else None
         self.forwards += 1
         self.fed_tokens += new.shape[1]
         return out.logits[0].float().cpu()
@@ -121,7 +141,7 @@ class Session:
                 layer.values = layer.values.index_select(-2, idx)  # type: ignore[union-attr]
                 if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they were fed
                     layer.cumulative_length = len(ids)
-        self.ids, self._last = list(ids), last
+        self.ids, self._last, self._hidden = list(ids), last, None
 
     def greedy(self, seq: Sequence[int], n: int, stop: frozenset[int], reuse: bool = True) -> Emitted:
         """Up to n greedy tokens after `seq`; stops after emitting a stop token. Only the first forward may

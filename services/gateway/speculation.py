@@ -1,0 +1,268 @@
+"""The speculation loop of RaLMSpec, shared by both granularities: documents every few tokens (iterative RaLM,
+`ralmspec.py`) and neighbours at every token (KNN-LM, `knnlm.py`).
+
+A granularity says what one step is: form a query key from the context, guess its retrieval result from the
+request's cache, decode with the guess, verify many keys in one batched search, tell whether a guess decodes
+like the truth would, and cache verified results. The loop owns everything else:
+
+One round:
+  1) speculate: s steps, each = key -> cache guess -> decode one step with it;
+  2) verify: one batched search of the s keys on the real index; cache what the verified steps retrieved;
+  3) first step whose guess disagrees with its truth, j: keep steps < j, redo step j with the truth, drop the
+     rest (the LM's KV cache follows the token sequence, so the rollback is a crop, not a rebuild).
+A kept step saw exactly the baseline's context and decoded with a result equivalent to the baseline's, so the
+emitted tokens equal the baseline's.
+Asynchronous: round r+1 is speculated while round r is verified on a worker thread (FAISS, Lucene and torch
+release the GIL); a failed verification of round r discards round r+1, which was built on a wrong guess.
+OS³ picks s each round (`os3.py`), and may pick a plain step (retrieve for real, then decode).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from services.common.errors import InvalidRequest
+from services.gateway.os3 import OS3, OS3Config
+
+K = TypeVar("K")  # a step's query key
+G = TypeVar("G")  # a guess (what the cache returned), or the truth in the same form
+T = TypeVar("T")  # what verification returns for one key
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    stride: int = 3  # fixed speculation stride s (steps per verification) when OS³ is off (the paper's 3)
+    prefetch: bool = False  # +P
+    prefetch_k: int = 20
+    os3: bool = False  # +S
+    asynchronous: bool = False  # +A
+    gamma_cap: float = 0.6
+    gamma_window: int = 5
+    max_stride: int = 16
+
+    def validate(self) -> None:
+        if not 1 <= self.stride <= self.max_stride:
+            raise InvalidRequest(f"speculation stride must be in 1..{self.max_stride}, got {self.stride}")
+        if self.prefetch_k <= 0:
+            raise InvalidRequest(f"prefetch k must be positive, got {self.prefetch_k}")
+        if not 0.0 < self.gamma_cap < 1.0:
+            raise InvalidRequest(f"gamma cap must be in (0, 1), got {self.gamma_cap}")
+
+
+PRESETS: dict[str, SpecConfig] = {  # the paper's ablation
+    "ralmspec": SpecConfig(),
+    "+P": SpecConfig(prefetch=True),
+    "+S": SpecConfig(os3=True),
+    "+A": SpecConfig(asynchronous=True),
+    "+PSA": SpecConfig(prefetch=True, os3=True, asynchronous=True),
+}
+
+
+class Granularity(Protocol[K, G, T]):
+    """One speculation step's mechanics. `tokens` is everything decoded so far (verified or not)."""
+
+    def done(self, tokens: list[int]) -> bool: ...
+
+    def key(self, tokens: list[int]) -> K:
+        """The query formed from the context so far."""
+        ...
+
+    def guess(self, key: K) -> G | None:
+        """The cache's answer (None: the cache has nothing)."""
+        ...
+
+    def decode(self, key: K, guess: G | None, tokens: list[int]) -> tuple[list[int], list[float]]:
+        """One step's tokens and their top-2 gaps, decoded with `guess` after `tokens`."""
+        ...
+
+    def verify(self, keys: list[K], guesses: list[G | None]) -> list[T]:
+        """The true retrieval result of each key, in one batched call (guesses: [] or one per key)."""
+        ...
+
+    def agrees(self, key: K, guess: G | None, truth: T) -> bool:
+        """Whether decoding with `guess` emits what decoding with the truth emits."""
+        ...
+
+    def correct(self, truth: T) -> G:
+        """The truth as a guess (what the baseline decodes with)."""
+        ...
+
+    def remember(self, truths: list[T]) -> None:
+        """Cache what verified steps retrieved (and prefetched)."""
+        ...
+
+    def cache_size(self) -> int: ...
+
+
+@dataclass
+class Step(Generic[K, G]):
+    start: int  # len(tokens) when the step began
+    key: K
+    guess: G | None  # what the step decoded with (a guess until verified)
+
+
+@dataclass
+class _Verdict(Generic[T]):
+    truths: list[T]
+    seconds: float
+
+
+@dataclass
+class LoopResult:
+    tokens: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    retrieval_s: float = 0.0  # verification time on the critical path
+    retrievals: int = 0  # steps whose retrieval was verified (or done for real)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+Emit = Callable[[list[int]], None]
+
+
+class SpeculationLoop(Generic[K, G, T]):
+    """One request's speculative decoding over a granularity; `run` is the round loop."""
+
+    def __init__(self, g: Granularity[K, G, T], spec: SpecConfig, pool: ThreadPoolExecutor,
+                 clock: Callable[[], None] = lambda: None, emit: Emit | None = None) -> None:
+        spec.validate()
+        self.g, self.spec, self.pool, self.clock, self.emit = g, spec, pool, clock, emit
+        self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap, max_stride=spec.max_stride,
+                                 initial_stride=spec.stride, asynchronous=spec.asynchronous))
+        self.res = LoopResult()
+        self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
+        self.strides: list[int] = []
+        self.spec_s = 0.0  # key + cache lookup of speculation steps
+        self.released = 0  # tokens handed to `emit` (all verified)
+
+    # -- steps -----------------------------------------------------------------------------------------
+    def done(self) -> bool:
+        return self.g.done(self.res.tokens)
+
+    def decode(self, key: K, guess: G | None) -> Step[K, G]:
+        res = self.res
+        step = Step(len(res.tokens), key, guess)
+        tokens, gaps = self.g.decode(key, guess, res.tokens)
+        res.tokens += tokens
+        res.gaps += gaps
+        res.steps.append(step)
+        return step
+
+    def truncate(self, step: Step[K, G]) -> None:
+        """Drop `step` and everything after it (the rollback)."""
+        res = self.res
+        res.tokens, res.gaps = res.tokens[: step.start], res.gaps[: step.start]
+        res.steps = [s for s in res.steps if s.start < step.start]
+
+    def speculate(self, s: int) -> list[Step[K, G]]:
+        steps: list[Step[K, G]] = []
+        while len(steps) < s and not self.done():
+            t = time.perf_counter()
+            key = self.g.key(self.res.tokens)
+            guess = self.g.guess(key)
+            self.spec_s += time.perf_counter() - t
+            steps.append(self.decode(key, guess))
+            self.os3.observe_speculation(time.perf_counter() - t)
+        return steps
+
+    def next_stride(self) -> int:
+        """Steps in the next round; 0 = a plain retrieval step (OS³ found speculation not worth it)."""
+        return self.os3.next_stride() if self.spec.os3 else self.spec.stride
+
+    def verify(self, keys: list[K], guesses: list[G | None]) -> _Verdict[T]:
+        t = time.perf_counter()
+        truths = self.g.verify(keys, guesses)
+        return _Verdict(truths, time.perf_counter() - t)
+
+    def plain_step(self, first: bool = False) -> None:
+        """Retrieve for real, then decode: the first step of a request (the cache is empty), and every step
+        OS³ does not speculate. The cache is still consulted (shadow guess) so that γ stays current."""
+        t = time.perf_counter()
+        key = self.g.key(self.res.tokens)
+        guess = self.g.guess(key)
+        verdict = self.verify([key], [])
+        self.res.retrieval_s += time.perf_counter() - t
+        self.res.retrievals += 1
+        self.calls += 1
+        truth = verdict.truths[0]
+        self.g.remember([truth])
+        if guess is not None:
+            self.os3.observe_round(1, int(self.g.agrees(key, guess, truth)))
+        self.os3.observe_verification(verdict.seconds)
+        self.decode(key, self.g.correct(truth))
+        if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
+            self.os3.observe_speculation(time.perf_counter() - t - verdict.seconds)
+        self.plain_steps += 1
+        self.release(len(self.res.tokens))
+
+    def release(self, upto: int) -> None:
+        """Hand the verified tokens before position `upto` to `emit`."""
+        if self.emit and upto > self.released:
+            self.emit(self.res.tokens[self.released : upto])
+        self.released = max(self.released, upto)
+
+    def settle(self, steps: list[Step[K, G]], verdict: _Verdict[T]) -> Step[K, G] | None:
+        """Apply a verification: cache the verified results, count, and return the first wrong step (already
+        redone with its truth), or None when every guess was right."""
+        truths = verdict.truths
+        bad = next((i for i, (st, tr) in enumerate(zip(steps, truths)) if not self.g.agrees(st.key, st.guess, tr)),
+                   None)
+        verified = len(steps) if bad is None else bad + 1  # keys after a mismatch were built on a wrong guess
+        self.g.remember(truths[:verified])
+        self.res.retrievals += len(steps)
+        self.calls += 1
+        self.os3.observe_verification(verdict.seconds)
+        matched = len(steps) if bad is None else bad
+        self.os3.observe_round(len(steps), matched)
+        self.speculated += len(steps)
+        self.matched += matched
+        self.rounds += 1
+        self.strides.append(len(steps))
+        if bad is None:
+            return None
+        self.rollbacks += 1
+        wrong = steps[bad]
+        self.truncate(wrong)
+        return self.decode(wrong.key, self.g.correct(truths[bad]))
+
+    # -- the round loop --------------------------------------------------------------------------------
+    def run(self) -> LoopResult:
+        self.plain_step(first=True)  # 0) the first step retrieves for real (the cache is empty)
+        pending: tuple[list[Step[K, G]], Future[_Verdict[T]]] | None = None
+        while not (self.done() and pending is None):
+            self.clock()
+            s = 0 if self.done() else self.next_stride()
+            if s == 0 and pending is None:
+                self.plain_step()
+                continue
+            # 1) speculate a round (async: on top of the round still being verified)
+            steps = self.speculate(s) if s else []
+            if not self.spec.asynchronous:
+                verdict = self.verify([st.key for st in steps], [st.guess for st in steps])
+                self.res.retrieval_s += verdict.seconds
+                self.settle(steps, verdict)  # 2) + 3)
+                self.release(len(self.res.tokens))
+                continue
+            if pending is not None:
+                prev, future = pending
+                pending = None
+                t = time.perf_counter()
+                verdict = future.result()
+                self.res.retrieval_s += time.perf_counter() - t  # only the wait is on the critical path
+                if self.settle(prev, verdict) is not None:
+                    self.release(len(self.res.tokens))
+                    continue  # `steps` were built on a wrong guess: settle() dropped them
+                self.release(steps[0].start if steps else len(self.res.tokens))
+            if steps:
+                pending = (steps, self.pool.submit(self.verify, [st.key for st in steps], [st.guess for st in steps]))
+        self.release(len(self.res.tokens))
+        self.res.stats.update(spec_accuracy=self.matched / self.speculated if self.speculated else 1.0,
+                              speculated=self.speculated, matched=self.matched, rounds=self.rounds,
+                              rollbacks=self.rollbacks, mean_stride=sum(self.strides) / max(1, len(self.strides)),
+                              spec_s=self.spec_s, cache_size=self.g.cache_size(), retrieval_calls=self.calls,
+                              plain_steps=self.plain_steps)
+        return self.res

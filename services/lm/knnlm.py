@@ -1,0 +1,62 @@
+"""KNN-LM interpolation: p(y) = λ·p_kNN(y) + (1 − λ)·p_LM(y).
+
+p_kNN is a softmax over the negative squared L2 distances of the k neighbours (divided by a temperature),
+summed per neighbour value (the token that followed the neighbour's context). The mixture is formed in
+float64 log space, so the top-2 gap of a greedy choice (the near-tie certificate) is a log-probability gap.
+Defaults are kNN-LM's: k = 1024, λ = 0.25, temperature 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from services.common.errors import InvalidRequest
+
+
+@dataclass(frozen=True)
+class KnnLmConfig:
+    k: int = 1024  # neighbours per token
+    lam: float = 0.25  # weight of p_kNN
+    temperature: float = 1.0  # of the softmax over negative distances
+    index: str = "exact"  # exact (FAISS flat L2) | approx (IVF)
+
+    def validate(self) -> None:
+        if not 1 <= self.k <= 4096:
+            raise InvalidRequest(f"k (neighbours per token) must be in 1..4096, got {self.k}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise InvalidRequest(f"lambda (the kNN weight) must be in [0, 1], got {self.lam}")
+        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+            raise InvalidRequest(f"the kNN temperature must be positive, got {self.temperature}")
+        if self.index not in ("exact", "approx"):
+            raise InvalidRequest(f"unknown KNN index {self.index!r}; choose exact or approx")
+
+
+def log_mixture(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg: KnnLmConfig) -> torch.Tensor:
+    """log p [vocab] float64 from the LM's logits [vocab] and the neighbours' squared distances [m] and values
+    [m] (m ≤ k; a padded neighbour has token −1 and is ignored; no neighbour at all gives p_LM)."""
+    log_lm = torch.log_softmax(logits.double(), -1)
+    real = tokens >= 0
+    if cfg.lam == 0.0 or not real.any():
+        return log_lm
+    d = torch.from_numpy(np.asarray(dists, dtype=np.float64)[real])
+    tok = torch.from_numpy(np.asarray(tokens, dtype=np.int64)[real])
+    w = torch.softmax(-d / cfg.temperature, 0)  # [m]
+    p_knn = torch.zeros_like(log_lm).index_add_(0, tok, w)  # [vocab], aggregated by token
+    if cfg.lam == 1.0:
+        return torch.log(p_knn)
+    return torch.logaddexp(math.log(cfg.lam) + torch.log(p_knn), math.log1p(-cfg.lam) + log_lm)
+
+
+def next_token(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg: KnnLmConfig) -> tuple[int, float]:
+    """Greedy KNN-LM token and its top-2 log-probability gap."""
+    top = torch.topk(log_mixture(logits, dists, tokens, cfg), 2)
+    return int(top.indices[0]), float(top.values[0] - top.values[1])
+
+
+def log_prob(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg: KnnLmConfig, target: int) -> float:
+    """log p(target) under the mixture (perplexity)."""
+    return float(log_mixture(logits, dists, tokens, cfg)[target])
