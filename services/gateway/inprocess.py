@@ -8,6 +8,7 @@ import torch
 
 from services.datastore.rest_datastore import RestDatastore
 from services.gateway.backends import local_backends
+from services.gateway.knnlm import KnnLmEngine, LocalKnnLm
 from services.gateway.ralm import RalmEngine
 from services.gateway.settings import GatewaySettings
 from services.lm.engine import LmEngine
@@ -19,7 +20,7 @@ from services.retriever.retriever import RETRIEVERS, Retriever, open_retriever
 
 def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVERS) -> RalmEngine:
     lay = settings.layout
-    lm = LmEngine(load(settings.model, lay.models, settings.device, settings.dtype))
+    lm = open_lm(settings)
     encoder = Encoder() if any(r != "sparse" for r in retrievers) else None
     opened: dict[str, Retriever] = {r: open_retriever(r, lay, encoder) for r in retrievers}
     # torch and FAISS share one OpenMP runtime here: opening a dense index set both to FAISS's thread count.
@@ -30,3 +31,18 @@ def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVER
     datastore = RestDatastore.load(rest) if rest.exists() else None  # memory-mapped: costs nothing until used
     return RalmEngine(lm.lm.tokenizer, lm.lm.max_positions, DocStore.load(lay.passages),
                       local_backends(lm, opened, datastore), lm.stops)
+
+
+def open_lm(settings: GatewaySettings) -> LmEngine:
+    return LmEngine(load(settings.model, settings.layout.models, settings.device, settings.dtype))
+
+
+def open_knnlm(settings: GatewaySettings, lm: LmEngine | None = None, nprobe: int = 32) -> KnnLmEngine:
+    """KNN-LM over the profile's datastore (both indexes), on `lm` or a newly loaded model."""
+    from services.datastore.knn_datastore import KnnDatastore
+
+    lm = lm or open_lm(settings)
+    ds = KnnDatastore.load(settings.layout.knn_datastore(settings.model), nprobe=nprobe)
+    if settings.threads > 0:  # after FAISS is up: they share one OpenMP runtime (see open_engine)
+        torch.set_num_threads(settings.threads)
+    return KnnLmEngine(lm.lm.tokenizer, LocalKnnLm(lm), ds, stops=lm.stops)

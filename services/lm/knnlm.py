@@ -9,12 +9,17 @@ Defaults are kNN-LM's: k = 1024, λ = 0.25, temperature 1.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from services.common.errors import InvalidRequest
+from services.lm.model import LoadedLM
+
+# (queries [q, d] float32, k, index) -> (squared L2 distances [q, k], entry ids [q, k], -1 = none)
+Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass(frozen=True)
@@ -60,3 +65,36 @@ def next_token(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg:
 def log_prob(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg: KnnLmConfig, target: int) -> float:
     """log p(target) under the mixture (perplexity)."""
     return float(log_mixture(logits, dists, tokens, cfg)[target])
+
+
+@dataclass
+class Perplexity:
+    tokens: int  # predicted tokens
+    lm: float  # perplexity of the LM alone
+    knnlm: float  # perplexity of the interpolation
+
+
+@torch.inference_mode()
+def perplexity(lm: LoadedLM, texts: Sequence[Sequence[int]], search: Search, values: np.ndarray,
+               cfg: KnnLmConfig, max_len: int = 512) -> Perplexity:
+    """Perplexity of token-id texts (each cut to `max_len`) under the LM alone and under KNN-LM, from one forward
+    per text and one batched datastore search per text (every position's query at once)."""
+    nll_lm = nll_knn = 0.0
+    n = 0
+    for ids in texts:
+        ids = list(ids)[:max_len]
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=lm.device)
+        out = lm.model(input_ids=x, output_hidden_states=True)
+        hidden = out.hidden_states[-1][0, :-1].float().cpu().numpy()  # [L-1, d]: queries for tokens 1..L-1
+        logits = out.logits[0, :-1].float().cpu()  # [L-1, vocab]
+        dists, found = search(np.ascontiguousarray(hidden), cfg.k, cfg.index)
+        for j, target in enumerate(ids[1:]):
+            vals = np.where(found[j] >= 0, values[np.maximum(found[j], 0)], -1)
+            nll_lm -= float(torch.log_softmax(logits[j].double(), -1)[target])
+            nll_knn -= log_prob(logits[j], dists[j], vals, cfg, target)
+            n += 1
+    if n == 0:
+        raise InvalidRequest("perplexity needs at least one text of two or more tokens")
+    return Perplexity(n, math.exp(nll_lm / n), math.exp(nll_knn / n))

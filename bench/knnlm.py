@@ -1,0 +1,147 @@
+"""KNN-LM on this machine: baseline (one datastore search per token) vs speculative retrieval (+P, +S, +A, +PSA),
+exact and approximate index, k in {1, 16, 256, 1024}, at two datastore sizes; plus perplexity.
+
+    RALMSPEC_THREADS=1 python -m bench.knnlm --profiles tiny default --prompts 2 --max-new-tokens 32
+
+Prompts are openings of passages held out of the datastore (language modelling: only EOS stops). Methods run
+interleaved per prompt; every output is checked equal to the baseline's (near-ties counted). `captured` is the
+share of the baseline's retrieval time that speculation removed: (T_base − T) / (T_base − T_lm-only), with
+T_lm-only = the baseline's time without its searches. Perplexity: held-out passages, LM alone vs KNN-LM
+(k = 1024, λ = 0.25, exact index) on the largest datastore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import numpy as np
+
+from bench.results_io import RESULTS, write
+from services.common.equivalence import compare
+from services.gateway.inprocess import open_knnlm, open_lm
+from services.gateway.knnlm import KnnLmEngine, KnnRequest
+from services.gateway.ralm import RalmResult
+from services.gateway.settings import GatewaySettings
+from services.gateway.speculation import PRESETS
+from services.lm.knnlm import KnnLmConfig, perplexity
+from services.retriever.corpus import read_passages
+from services.retriever.docstore import DocStore
+
+METHODS = {"spec": "ralmspec", "+P": "+P", "+S": "+S", "+A": "+A", "+PSA": "+PSA"}  # row name -> preset
+
+
+def held_out(knn: KnnLmEngine, docs: DocStore) -> list[int]:
+    inside = set(np.unique(knn.ds.text).tolist())  # type: ignore[attr-defined]
+    return [i for i in range(len(docs)) if i not in inside]
+
+
+def run_grid(knn: KnnLmEngine, prompts: list[str], size: int, indexes: list[str], ks: list[int],
+             tokens: int) -> list[dict]:
+    rows = []
+    for index in indexes:
+        for k in ks:
+            req = KnnRequest(tokens, knn=KnnLmConfig(k=k, index=index))
+            runs: dict[str, list[RalmResult]] = {m: [] for m in ["baseline", *METHODS]}
+            for p in prompts:
+                runs["baseline"].append(knn.generate(p, req))
+                for m, preset in METHODS.items():
+                    runs[m].append(knn.speculate(p, req, PRESETS[preset]))
+            base = runs["baseline"]
+            t_base = statistics.mean(r.total_s for r in base)
+            t_lm = statistics.mean(r.total_s - r.retrieval_s for r in base)
+            n_tok = statistics.mean(len(r.tokens) for r in base)
+            for m, rs in runs.items():
+                verdicts = [compare(b.tokens, b.gaps, r.tokens, r.gaps) for b, r in zip(base, rs)]
+                t = statistics.mean(r.total_s for r in rs)
+                rows.append({
+                    "datastore_tokens": size, "index": index, "k": k, "method": m,
+                    "ms_per_token": 1000 * t / n_tok, "speedup": t_base / t,
+                    "spec_accuracy": statistics.mean(r.stats.get("spec_accuracy", 1.0) for r in rs),
+                    "mean_stride": statistics.mean(r.stats.get("mean_stride", 1.0) for r in rs),
+                    "captured": (t_base - t) / (t_base - t_lm) if t_base > t_lm else float("nan"),
+                    "searches": statistics.mean(r.stats.get("retrieval_calls", r.retrievals) for r in rs),
+                    "retrieval_ms_per_token": 1000 * statistics.mean(r.retrieval_s for r in rs) / n_tok,
+                    "lm_ms_per_token": 1000 * statistics.mean(r.lm_s for r in rs) / n_tok,
+                    "identical": all(v.identical for v in verdicts),
+                    "near_ties": sum(v.near_tie for v in verdicts), "mismatches": sum(not v.ok for v in verdicts),
+                })
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profiles", nargs="+", default=["tiny", "default"], help="datastores, smallest first")
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--ks", nargs="+", type=int, default=[1, 16, 256, 1024])
+    ap.add_argument("--indexes", nargs="+", default=["exact", "approx"])
+    ap.add_argument("--ppl-passages", type=int, default=40)
+    ap.add_argument("--name", default="knnlm")
+    args = ap.parse_args()
+    rows: list[dict] = []
+    lm = None
+    sizes = {}
+    ppl = None
+    for profile in args.profiles:
+        settings = GatewaySettings.from_env(profile=profile)
+        lm = lm or open_lm(settings)
+        knn = open_knnlm(settings, lm)
+        docs = DocStore(read_passages(settings.layout.passages))
+        held = held_out(knn, docs)
+        prompts = [" ".join(docs.document(i).split()[:24]) for i in held[:: max(1, len(held) // args.prompts)]]
+        prompts = prompts[: args.prompts]
+        size = int(len(knn.ds.values))
+        sizes[profile] = size
+        knn.generate(prompts[0], KnnRequest(4))  # warm up
+        rows += run_grid(knn, prompts, size, args.indexes, args.ks, args.max_new_tokens)
+        if profile == args.profiles[-1]:
+            texts = [knn.encode(docs.document(i)) for i in held[: args.ppl_passages]]
+            p = perplexity(lm.lm, texts, knn.ds.search, knn.ds.values, KnnLmConfig())
+            ppl = {"lm": p.lm, "knnlm": p.knnlm, "tokens": p.tokens, "passages": len(texts), "profile": profile}
+            print(ppl, flush=True)
+        del knn
+    best = {}
+    for r in rows:
+        key = (r["datastore_tokens"], r["index"])
+        if r["method"] != "baseline" and r["identical"]:
+            best[key] = max(best.get(key, 0.0), r["speedup"])
+    write(args.name, {"datastore_tokens": max(sizes.values()), "datastore_sizes": sizes, "prompts": args.prompts,
+                      "max_new_tokens": args.max_new_tokens, "rows": rows, "perplexity": ppl},
+          ["datastore_tokens", "index", "k", "method", "ms_per_token", "speedup", "spec_accuracy", "mean_stride",
+           "captured", "searches", "retrieval_ms_per_token", "lm_ms_per_token", "identical"],
+          f"KNN-LM: baseline vs speculative retrieval ({args.prompts} prompts x {args.max_new_tokens} tokens)",
+          "Best speedup per datastore and index: " + ", ".join(
+              f"{s} tokens {i}: {v:.2f}x" for (s, i), v in sorted(best.items()))
+          + (f"\n\nPerplexity on {ppl['passages']} held-out passages ({ppl['tokens']} tokens, {ppl['profile']} "
+             f"datastore, k=1024, λ=0.25): LM {ppl['lm']:.2f}, KNN-LM {ppl['knnlm']:.2f}" if ppl else ""))
+    chart(rows, args.name)
+
+
+def chart(rows: list[dict], name: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart")
+        return
+    groups = list(dict.fromkeys((r["datastore_tokens"], r["index"]) for r in rows))
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, (size, index) in zip(axes[0], groups):
+        rs = [r for r in rows if (r["datastore_tokens"], r["index"]) == (size, index)]
+        for m in dict.fromkeys(r["method"] for r in rs):
+            pts = [(r["k"], r["speedup"]) for r in rs if r["method"] == m]
+            ax.plot([str(k) for k, _ in pts], [s for _, s in pts], marker="o", label=m)
+        ax.set_title(f"{index}, {size} entries: speedup vs k")
+        ax.set_xlabel("k")
+        ax.axhline(1.0, color="gray", lw=0.5)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
