@@ -2,7 +2,8 @@
 
 Steps (each skipped when its output exists): corpus -> passages + questions; passage embeddings;
 FAISS flat / HNSW / IVF; Lucene BM25 index; the LM converted from GGUF to an HF folder; REST's datastore
-(a suffix array over the passages' token ids under that LM's tokenizer).
+(a suffix array over the passages' token ids under that LM's tokenizer); KNN-LM's datastore (the LM's final
+hidden state per corpus token, capped per profile by KNN_MAX_ENTRIES, with its IVF index; resumable).
 Each step's build time and size are recorded in `<profile>/manifest.json` and printed as a table.
 """
 
@@ -20,6 +21,10 @@ from services.common.errors import InvalidRequest
 from services.common.layout import PROFILES, Layout
 
 log = logging.getLogger(__name__)
+
+# KNN-LM datastore entries (corpus tokens) per profile; None = the whole corpus. At ~700 tokens/s (2 CPU cores,
+# float32) tiny builds in about a minute, default in ~15 min.
+KNN_MAX_ENTRIES: dict[str, int | None] = {"tiny": 40_000, "default": 600_000, "large": None}
 
 
 def _size(path: Path) -> int:
@@ -104,6 +109,18 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
         print(f"building the REST datastore over {len(store)} passages", flush=True)
         build_from_texts(texts, encode, len(tok), lay.rest_datastore(model))  # type: ignore[arg-type]
 
+    def knn() -> None:
+        from services.datastore.knn_datastore import build as build_knn
+        from services.lm.model import load
+        from services.retriever.corpus import read_passages
+        from services.retriever.docstore import DocStore
+
+        store = DocStore(read_passages(lay.passages))
+        texts = (store.document(i) for i in range(len(store)))
+        cap = KNN_MAX_ENTRIES[profile]
+        print(f"building the KNN-LM datastore ({cap or 'all'} tokens of {len(store)} passages)", flush=True)
+        build_knn(load(model, lay.models, device="auto"), texts, lay.knn_datastore(model), max_tokens=cap)
+
     _step(manifest, "corpus", lay.passages, corpus, lay.manifest)
     _step(manifest, "embeddings", lay.embeddings, embeddings, lay.manifest)
     for kind in ("flat", "hnsw", "ivf"):
@@ -111,6 +128,7 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
     _step(manifest, "lucene", lay.lucene_index, lucene, lay.manifest)
     _step(manifest, f"lm_{model}", lay.models / model, lm, lay.manifest)
     _step(manifest, f"rest_{model}", lay.rest_datastore(model), rest, lay.manifest)
+    _step(manifest, f"knn_{model}", lay.knn_datastore(model), knn, lay.manifest)
     with lay.passages.open() as f:
         manifest["passages"] = sum(1 for _ in f)
     with lay.questions.open() as f:

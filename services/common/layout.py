@@ -59,6 +59,9 @@ class Layout:
     def rest_datastore(self, model: str) -> Path:  # REST suffix array over this model's token ids of the passages
         return self.root / f"rest_{model}.bin"
 
+    def knn_datastore(self, model: str) -> Path:  # KNN-LM folder: this model's hidden state per corpus token
+        return self.root / f"knn_{model}"
+
     @property
     def manifest(self) -> Path:  # build times and sizes per step
         return self.root / "manifest.json"
