@@ -5,6 +5,9 @@
 Each prompt is what iterative RaLM feeds the LM: the top-1 passage for the question, then the QA prompt.
 Rows: greedy; REST (corpus datastore); prompt lookup (drafts from the context itself, i.e. the passage);
 both merged into one tree; HF transformers' own `generate(prompt_lookup_num_tokens=10)` as the outside peer.
+Sampled rows (`--temperature` > 0): plain sampling vs drafted sampling (exact rejection-sampling acceptance, so
+the outputs are equally distributed but not equal token for token: each prompt's seed is shared, the draws
+are not); their speed-up is over plain sampling.
 Then the RaLM combination: RaLMSpec (+P) with and without drafting inside each stride, vs both baselines.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -25,16 +29,20 @@ from services.gateway.ralm import RalmConfig
 from services.gateway.ralmspec import PRESETS, SpeculativeRalm
 from services.gateway.settings import GatewaySettings
 from services.lm.decoder import Emitted
+from services.lm.sampling import SamplingParams
 from services.retriever.corpus import read_questions
 
+SOURCES = (("rest", "rest"), ("prompt-lookup", "prompt"), ("rest+prompt-lookup", "both"))
 
-def decode(engine, seq: list[int], n: int, draft: str, budget: int) -> tuple[Emitted, float]:  # type: ignore[no-untyped-def]
+
+def decode(engine, seq: list[int], n: int, draft: str, budget: int,  # type: ignore[no-untyped-def]
+           sampling: SamplingParams | None = None) -> tuple[Emitted, float]:
     lm = engine.backends.lm
     sid = lm.open()
     t = time.perf_counter()
     try:
-        out = (lm.step(sid, seq, n, False) if draft == "none"
-               else drafted_greedy(engine.backends, sid, seq, n, False, draft, budget))
+        out = (lm.step(sid, seq, n, False, sampling=sampling) if draft == "none"
+               else drafted_greedy(engine.backends, sid, seq, n, False, draft, budget, sampling))
     finally:
         lm.close(sid)
     return out, time.perf_counter() - t
@@ -58,7 +66,10 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--budgets", nargs="+", type=int, default=[8, 16])
     ap.add_argument("--ralm-requests", type=int, default=3)
+    ap.add_argument("--temperature", type=float, default=0.8, help="of the sampled rows; 0: no sampled rows")
+    ap.add_argument("--top-p", type=float, default=0.95)
     args = ap.parse_args()
+    sampling = SamplingParams(args.temperature, args.top_p).validate()
     settings = GatewaySettings.from_env(profile=args.profile)
     engine = open_engine(settings)
     if engine.backends.drafts is None or "rest" not in engine.backends.drafts.proposers:  # type: ignore[attr-defined]
@@ -73,14 +84,16 @@ def main() -> None:
         seqs.append(engine.bos + list(engine.doc_ids(pid, 256)) + prompt)
     n = args.max_new_tokens
     decode(engine, seqs[0], 4, "none", 8)  # warm up
-    methods = [("greedy", "none", 0)] + [(f"{name} (c={b})", src, b) for b in args.budgets
-                                          for name, src in (("rest", "rest"), ("prompt-lookup", "prompt"),
-                                                            ("rest+prompt-lookup", "both"))]
-    runs: dict[str, list[tuple[Emitted, float]]] = {m: [] for m, _, _ in methods}
+    methods = [("greedy", "none", 0)] + [(f"{name} (c={b})", src, b) for b in args.budgets for name, src in SOURCES]
+    sampled = [] if sampling.greedy else [("sampled", "none", 0)] + [
+        (f"sampled-{name} (c={b})", src, b) for b in args.budgets for name, src in SOURCES]
+    runs: dict[str, list[tuple[Emitted, float]]] = {m: [] for m, _, _ in methods + sampled}
     hf: list[tuple[list[int], float]] = []
-    for seq in seqs:  # methods interleaved per prompt: machine drift hits all alike
+    for i, seq in enumerate(seqs):  # methods interleaved per prompt: machine drift hits all alike
         for name, src, b in methods:
             runs[name].append(decode(engine, seq, n, src, b))
+        for name, src, b in sampled:  # one seed per prompt, shared by the sampled methods
+            runs[name].append(decode(engine, seq, n, src, b, replace(sampling, seed=i)))
         hf.append(hf_prompt_lookup(engine, seq, n))
     base = runs["greedy"]
     tps = lambda rs: sum(len(e.tokens) for e, _ in rs) / sum(s for _, s in rs)  # noqa: E731
@@ -99,10 +112,17 @@ def main() -> None:
                  "identical": all(t == g.tokens for (t, _), (g, _) in zip(hf, base)), "near_ties": 0,
                  "mismatches": sum(t != g.tokens for (t, _), (g, _) in zip(hf, base))})
     print(rows[-1], flush=True)
+    for name, _, b in sampled:  # no token-for-token check: the draws differ, the distribution does not
+        rs = runs[name]
+        rows.append({"method": name.split(" ")[0], "budget": b or None, "tokens_per_s": tps(rs),
+                     "accepted_per_forward": sum(len(e.tokens) for e, _ in rs) / sum(e.forwards for e, _ in rs),
+                     "speedup_vs_plain_sampling": tps(rs) / tps(runs["sampled"])})
+        print(rows[-1], flush=True)
     # The RaLM combination: iterative retrieval with speculation, with and without drafting in each stride.
     spec = SpeculativeRalm(engine)
     prompts = [qa_prompt(q.question) for q in picked[: args.ralm_requests]]
-    best = max((r for r in rows if r["method"] != "hf-prompt-lookup" and r["budget"]), key=lambda r: r["tokens_per_s"])
+    greedy_drafting = {name for name, _ in SOURCES}
+    best = max((r for r in rows if r["method"] in greedy_drafting), key=lambda r: r["tokens_per_s"])
     combo = []
     for p in prompts:
         cfg = RalmConfig(max_new_tokens=128, stop_at_newline=False)
@@ -121,9 +141,11 @@ def main() -> None:
                    "speedup_vs_ralmspec": mean["ralmspec+P"] / mean["ralmspec+P+rest"],
                    "identical": all(c["identical"] for c in combo), "requests": len(combo)}
     write("rest", {"profile": args.profile, "prompts": len(seqs), "max_new_tokens": n,
-                   "torch_threads": torch.get_num_threads(), "rows": rows, "ralm_combination": combination},
+                   "torch_threads": torch.get_num_threads(), "sampling": {"temperature": sampling.temperature,
+                                                                         "top_p": sampling.top_p},
+                   "rows": rows, "ralm_combination": combination},
           ["method", "budget", "tokens_per_s", "accepted_per_forward", "speedup_vs_greedy", "identical", "near_ties",
-           "mismatches"],
+           "mismatches", "speedup_vs_plain_sampling"],
           f"REST on the RaLM workload ({args.profile}: passage + QA prompt, {len(seqs)} prompts x {n} tokens)",
           f"RaLM combination (exact retriever, 128 tokens, {len(combo)} requests, drafts from both sources, "
           f"c = {best['budget']}): paper {mean['paper']:.1f} s, kv {mean['kv']:.1f} s, RaLMSpec +P "

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
-from ralmspec.v1 import common_pb2
+from ralmspec.v1 import common_pb2, lm_pb2
 
 from services.common.errors import InvalidRequest
 from services.datastore.draft_tree import DraftTree
+from services.lm.sampling import SamplingParams
 from services.retriever.retriever import QueryKey
 from services.retriever.types import Hit
 
@@ -80,3 +82,20 @@ def tree_from_proto(tree: common_pb2.DraftTree) -> DraftTree:
     if len(tokens) > 256:
         raise InvalidRequest(f"a draft tree has at most 256 nodes, got {len(tokens)}")
     return DraftTree.from_arrays(tokens, parents)
+
+
+def sampling_to_proto(params: SamplingParams | None) -> dict[str, Any]:
+    """The sampling fields of an LM StepRequest, as keyword arguments (none: greedy)."""
+    if params is None or params.greedy:
+        return {}
+    fields: dict[str, Any] = {"temperature": params.temperature, "top_p": params.top_p}
+    if params.seed is not None:
+        fields["seed"] = params.seed
+    return fields
+
+
+def sampling_from_proto(req: lm_pb2.StepRequest) -> SamplingParams | None:
+    """A client's sampling fields, validated; None for greedy (temperature 0, the default)."""
+    params = SamplingParams(req.temperature, req.top_p if req.HasField("top_p") else 1.0,
+                            req.seed if req.HasField("seed") else None).validate()
+    return None if params.greedy else params

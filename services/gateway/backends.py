@@ -18,6 +18,7 @@ from services.datastore.rest_datastore import RestDatastore
 from services.datastore.speculation_cache import SpeculationCache
 from services.lm.decoder import Emitted
 from services.lm.engine import LmEngine
+from services.lm.sampling import SamplingParams
 from services.retriever.retriever import QueryKey, Retriever
 from services.retriever.types import Hit
 
@@ -26,7 +27,8 @@ class LmBackend(Protocol):
     def open(self) -> str: ...
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool,
-             reprefill: bool = False, tree: DraftTree | None = None) -> Emitted: ...
+             reprefill: bool = False, tree: DraftTree | None = None,
+             sampling: SamplingParams | None = None) -> Emitted: ...
 
     def close(self, sid: str) -> bool: ...
 
@@ -69,16 +71,17 @@ class Backends:
 
 
 def drafted_greedy(backends: Backends, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, draft: str,
-                   budget: int) -> Emitted:
-    """Up to n greedy tokens after `seq` by REST: draft a tree, verify it in one LM forward, re-draft after
-    each step (the context grew), until n tokens or a stop token."""
+                   budget: int, sampling: SamplingParams | None = None) -> Emitted:
+    """Up to n tokens after `seq` by REST: draft a tree, verify it in one LM forward, re-draft after each step
+    (the context grew), until n tokens or a stop token. Greedy tokens (the same as plain greedy decoding), or with
+    `sampling` sampled ones (distributed exactly as plain sampling's; each step seeds from its position)."""
     if backends.drafts is None:
         raise InvalidRequest("drafting needs the REST datastore, which this runtime did not load")
     out = Emitted()
     while len(out.tokens) < n and not out.stopped:
         ctx = list(seq) + out.tokens
         e = backends.lm.step(sid, ctx, n - len(out.tokens), stop_at_newline,
-                             tree=backends.drafts.propose(draft, ctx, budget))
+                             tree=backends.drafts.propose(draft, ctx, budget), sampling=sampling)
         out.tokens += e.tokens
         out.gaps += e.gaps
         out.forwards += e.forwards

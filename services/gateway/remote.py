@@ -27,12 +27,14 @@ from services.common.wire import (
     key_from_proto,
     key_to_proto,
     retriever_kind,
+    sampling_to_proto,
     tree_from_proto,
     tree_to_proto,
 )
 from services.datastore.draft_tree import DraftTree
 from services.gateway.backends import Backends, Cache
 from services.lm.decoder import Emitted
+from services.lm.sampling import SamplingParams
 from services.retriever.retriever import QueryKey, Retriever
 from services.retriever.types import Hit, check_search
 
@@ -74,12 +76,13 @@ class RemoteLm:
         return sid
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
-             tree: DraftTree | None = None) -> Emitted:
+             tree: DraftTree | None = None, sampling: SamplingParams | None = None) -> Emitted:
         draft = tree_to_proto(tree) if tree is not None else None
         for attempt in (0, 1):
             real, stream = self.where[sid]
             req = lpb.StepRequest(session_id=real, tokens=list(seq), max_new_tokens=n,
-                                  stop_at_newline=stop_at_newline, reprefill=reprefill, draft=draft)
+                                  stop_at_newline=stop_at_newline, reprefill=reprefill, draft=draft,
+                                  **sampling_to_proto(sampling))
             try:
                 r = self.bridge.call(LM, "Step", req, lpb.StepReply, stream)
                 return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)

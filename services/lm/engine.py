@@ -1,8 +1,8 @@
 """The LM engine behind the LM service (and the in-process runtime): named decoding sessions on one model.
 
-A session is a KV cache (`decoder.Session`); `step` decodes greedily after a whole sequence, reusing the
-cache's longest common prefix, so a replayed step returns the same tokens (idempotent) and a shorter
-sequence is a rollback.
+A session is a KV cache (`decoder.Session`); `step` decodes greedily (or samples, `sampling.py`) after a whole
+sequence, reusing the cache's longest common prefix, so a replayed step returns the same tokens (idempotent; a
+sampled step when it carries a seed) and a shorter sequence is a rollback.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 from services.common.errors import InvalidRequest, NotFound, Overloaded
 from services.lm.decoder import Emitted, Session
 from services.lm.model import LoadedLM
+from services.lm.sampling import SamplingParams, sample
 from services.lm.tree_attention import tree_step
 
 
@@ -64,9 +65,10 @@ class LmEngine:
             raise NotFound(f"no LM session {sid!r} on this replica (closed, or opened on another one)") from None
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
-             tree: Any = None) -> Emitted:
-        """Up to n greedy tokens after `seq`. With a draft `tree` (`.tokens`, `.parents`), ONE forward verifies it
-        and emits the accepted path plus the model's next token (REST), capped at n."""
+             tree: Any = None, sampling: SamplingParams | None = None) -> Emitted:
+        """Up to n greedy tokens after `seq`, or sampled ones with `sampling` (temperature > 0). With a draft `tree`
+        (`.tokens`, `.parents`), ONE forward verifies it and emits the accepted path plus the model's next token
+        (REST), capped at n; sampled acceptance keeps the tokens distributed exactly as plain sampling's."""
         if not seq:
             raise InvalidRequest("the token sequence is empty: a step needs at least one token")
         if n <= 0:
@@ -75,11 +77,16 @@ class LmEngine:
             raise InvalidRequest(f"token ids must be in 0..{self.vocab - 1}")
         if len(seq) + n > self.lm.max_positions:
             raise InvalidRequest(f"{len(seq)} tokens + {n} new exceed the model's {self.lm.max_positions} positions")
+        if sampling is not None and sampling.validate().greedy:
+            sampling = None
+        stop = self.stops.get(stop_at_newline)
         if tree is not None:
             if reprefill:
                 raise InvalidRequest("draft trees extend the KV cache; they cannot be combined with re-prefill")
-            return tree_step(self.session(sid), seq, tree, max_new=n, stop=self.stops.get(stop_at_newline))
-        return self.session(sid).greedy(seq, n, self.stops.get(stop_at_newline), reuse=not reprefill)
+            return tree_step(self.session(sid), seq, tree, max_new=n, stop=stop, sampling=sampling)
+        if sampling is not None:
+            return sample(self.session(sid), seq, n, stop, sampling, reuse=not reprefill)
+        return self.session(sid).greedy(seq, n, stop, reuse=not reprefill)
 
     def close(self, sid: str) -> bool:
         with self._lock:

@@ -14,7 +14,7 @@ from ralmspec.v1 import lm_pb2 as pb
 from services.common.contracts import LM
 from services.common.errors import InvalidRequest
 from services.common.ops import ServiceDef
-from services.common.wire import tree_from_proto
+from services.common.wire import sampling_from_proto, tree_from_proto
 from services.lm.engine import LmEngine
 
 
@@ -34,8 +34,10 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Threa
         sid = _sid(req.session_id)
         engine.session(sid)  # NOT_FOUND before queueing behind other steps
         tree = tree_from_proto(req.draft) if req.HasField("draft") else None
+        sampling = sampling_from_proto(req)  # INVALID_ARGUMENT before queueing, too
         e = await asyncio.get_running_loop().run_in_executor(
-            pool, engine.step, sid, list(req.tokens), req.max_new_tokens, req.stop_at_newline, req.reprefill, tree)
+            pool, engine.step, sid, list(req.tokens), req.max_new_tokens, req.stop_at_newline, req.reprefill, tree,
+            sampling)
         return pb.StepReply(tokens=e.tokens, gaps=e.gaps, stopped=e.stopped, forwards=e.forwards, fed=e.fed)
 
     async def close_session(req: pb.CloseSessionRequest) -> pb.CloseSessionReply:

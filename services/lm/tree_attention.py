@@ -1,4 +1,4 @@
-"""Tree verification of REST drafts: one forward over every draft node, then greedy acceptance of the longest path.
+"""Tree verification of REST drafts: one forward over every draft node, then acceptance of a path from the root.
 
 A draft tree is two arrays: `tokens` [n] and `parents` [n] (-1 = child of the root, i.e. of the context's last
 token), parents before children. In the one forward, node i attends to the whole context, its ancestors and
@@ -9,20 +9,27 @@ the nodes and causally: a step costs one forward, not two. Its last row gives th
 
 Greedy acceptance: t = argmax(root logits); while a child of the current node carries t, accept it and move there.
 The step emits the accepted tokens plus the model's next token (the bonus), so it equals plain greedy decoding
-token for token. Afterwards the KV cache keeps the context and the accepted path only; the bonus is fed lazily by
-the next step, like `Session.greedy` does with its last token.
+token for token. Sampled acceptance (temperature > 0): at each node a token is drawn by the rejection rule over
+the node's children (`sampling.choose`); while it is a child, accept it and move there. The tokens are then
+distributed exactly as plain sampling's. Both are one walk with a different picker.
+
+Afterwards the KV cache keeps the context and the accepted path only; the bonus is fed lazily by the next step,
+like `Session.greedy` does with its last token.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from services.lm.decoder import Emitted, Session
+from services.lm.sampling import Sampler, SamplingParams, sample
+
+Pick = Callable[[torch.Tensor, Sequence[int]], tuple[int, float]]  # (logits [vocab], child tokens) -> (token, gap)
 
 log = logging.getLogger(__name__)
 
@@ -94,39 +101,47 @@ def _top2(logits: torch.Tensor) -> tuple[int, float]:
     return int(top.indices[0]), float(top.values[0] - top.values[1])
 
 
+def _argmax(logits: torch.Tensor, children: Sequence[int]) -> tuple[int, float]:
+    return _top2(logits)  # greedy: the children do not change the token
+
+
 def tree_step(session: Session, seq: Sequence[int], tokens: Any, parents: Any = None, max_new: int = 1,
-              stop: frozenset[int] = frozenset()) -> Emitted:
-    """Verify one draft tree after `seq` and emit up to `max_new` greedy tokens (accepted path + bonus).
+              stop: frozenset[int] = frozenset(), sampling: SamplingParams | None = None) -> Emitted:
+    """Verify one draft tree after `seq` and emit up to `max_new` tokens (accepted path + bonus): greedy ones, or
+    with `sampling` (temperature > 0) sampled ones, distributed exactly as plain sampling's (gaps: NaN).
 
     `tokens`/`parents`: [n] arrays, or a tree object with `.tokens`/`.parents` and parents=None; n = 0 is a plain
     one-token step. Stops after a stop token. Afterwards the session holds `seq` + the accepted nodes, with the
     logits after them, so the next step (after `seq` + emitted) feeds only the bonus token.
 
-    Sliding-window models (Gemma 3) whose context plus tree would outgrow the window fall back to one plain greedy
+    Sliding-window models (Gemma 3) whose context plus tree would outgrow the window fall back to one plain
     token: past the window the cache has evicted positions, so a node-selective compaction cannot be done."""
     tok, par = tree_arrays(tokens, parents)
     out = Emitted()
     if max_new < 1:
         return out
+    sampler = None if sampling is None or sampling.greedy else Sampler(sampling, len(seq))
     window = getattr(session.lm.model.config, "sliding_window", None)  # type: ignore[attr-defined]
     if window is not None and len(seq) + len(tok) >= window:
-        return session.greedy(seq, 1, stop)
+        return session.greedy(seq, 1, stop) if sampler is None else sample(session, seq, 1, stop, sampler.params)
+    pick: Pick = _argmax if sampler is None else sampler
     before, fed = session.forwards, session.fed_tokens
     root, nodes = tree_logits(session, seq, tok, par)
-    children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node; the first of equal siblings wins
+    kids: dict[int, dict[int, int]] = {}  # parent node -> {token: node} in node order; first equal sibling wins
     for i in range(len(tok)):
-        children.setdefault((int(par[i]), int(tok[i])), i)
-    # 1) walk down the tree while the model's argmax is a child of the current node
+        kids.setdefault(int(par[i]), {}).setdefault(int(tok[i]), i)
+    # 1) walk down the tree while the picked token is a child of the current node
     path: list[int] = []
     logits, cur = root, -1
     while len(out.tokens) < max_new:
-        t, gap = _top2(logits)
+        here = kids.get(cur, {})
+        t, gap = pick(logits, list(here))
         out.tokens.append(t)
         out.gaps.append(gap)
         if t in stop:
             out.stopped = True
             break
-        nxt = children.get((cur, t))
+        nxt = here.get(t)
         if nxt is None:
             break  # t is the bonus token
         path.append(nxt)
