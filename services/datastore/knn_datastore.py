@@ -20,11 +20,11 @@ their key, up to 101 at once); ties rank by entry id everywhere.
 
 Distances. FAISS's float32 distances depend on its kernel (faiss 1.15): while nq·d < `faiss.cvar.
 distance_compute_blas_threshold` (128000 by default: up to 222 queries of 576 dims) each distance is a sequential
-float32 sum of squared differences and a batch gives bit-identical distances to each query alone; past it, or
-with the threshold at 1 as `services.retriever.dense.configure` sets it process-wide, they come from
-|x|² + |y|² - 2x·y with sgemm, differ from the sequential ones in the last bits (up to 3e-3 here), and a batch
-may or may not equal its queries alone (tiny profile, 8 queries: 25% of distances and 12% of top-32 ids
-differed). See tests/datastore/test_knn_datastore.py::test_faiss_batch_vs_single.
+float32 sum of squared differences and a batch gives bit-identical distances to each query alone; past it
+(`services.retriever.dense.BLAS_THRESHOLD`, set at load: 3+ queries of 576 dims, where one product beats
+separate scans), they come from |x|² + |y|² - 2x·y with sgemm, differ from the sequential ones in the last
+bits (up to 3e-3 here), and a batch may or may not equal its queries alone (tiny profile, 8 queries: 25% of
+distances and 12% of top-32 ids differed). See tests/datastore/test_knn_datastore.py::test_faiss_batch_vs_single.
 So `search` never returns FAISS's numbers: it takes FAISS's top k + margin as candidates and re-scores them
 with `exact_distances` (float64 sums of squared differences of the stored rows, one row at a time, independent
 of what else is scored), ranked by (distance, entry id). The exact index's answer is certified: with FAISS's
@@ -33,8 +33,8 @@ away; when the k-th re-scored distance is not below that, the search is repeated
 exact top-k is the true (float64) top-k with ties by id, identical for a query alone or in any batch, and equal
 bit for bit to what `KnnCache.lookup` returns when those entries are cached. The IVF answer is re-scored the same
 way but is approximate (its candidate set depends on the probed lists). Cost (tiny, 40k entries, one thread,
-k = 1024): exact 5.4 ms for 1 query (FAISS 3.5 + re-scoring; 17 ms when dense.configure's threshold forces
-BLAS), 42 ms for 8; IVF (nprobe 32) 3.2 / 18 ms.
+k = 1024): exact 5.4 ms for 1 query (FAISS 3.5 + re-scoring; 17 ms when a BLAS product is forced for one
+query), 42 ms for 8; IVF (nprobe 32) 3.2 / 18 ms.
 """
 
 from __future__ import annotations
@@ -132,6 +132,9 @@ class KnnDatastore:
         return store
 
     def _open(self, indexes: Sequence[str], ivf_path: Path | None, nprobe: int) -> None:
+        from services.retriever.dense import BLAS_THRESHOLD
+
+        faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD  # the process-wide policy, whoever loads first
         for name in indexes:
             if name not in INDEXES:
                 raise InvalidRequest(f"unknown KNN index {name!r}; choose from {INDEXES}")
