@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,18 @@ def _step(manifest: dict, name: str, out: Path, build: Callable[[], None], save:
     save.write_text(json.dumps(manifest, indent=2))
 
 
-def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m") -> dict:
+STEPS = ("corpus", "embeddings", "faiss", "lucene", "lm", "rest", "knn")  # in build order
+
+
+def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m",
+          skip: Collection[str] = ()) -> dict:
+    """Build every step of a profile not in `skip` (a later step still needs what it reads: skip only what
+    nothing after it uses, e.g. `knn`, whose whole-corpus build takes hours on a CPU)."""
     if profile not in PROFILES:
         raise InvalidRequest(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    unknown = set(skip) - set(STEPS)
+    if unknown:
+        raise InvalidRequest(f"unknown asset steps {sorted(unknown)}; steps are {', '.join(STEPS)}")
     lay = layout or Layout.for_profile(profile)
     lay.root.mkdir(parents=True, exist_ok=True)
     manifest: dict = json.loads(lay.manifest.read_text()) if lay.manifest.exists() else {}
@@ -121,14 +130,15 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
         print(f"building the KNN-LM datastore ({cap or 'all'} tokens of {len(store)} passages)", flush=True)
         build_knn(load(model, lay.models, device="auto"), texts, lay.knn_datastore(model), max_tokens=cap)
 
-    _step(manifest, "corpus", lay.passages, corpus, lay.manifest)
-    _step(manifest, "embeddings", lay.embeddings, embeddings, lay.manifest)
-    for kind in ("flat", "hnsw", "ivf"):
-        _step(manifest, f"faiss_{kind}", lay.faiss_index(kind), faiss_index(kind), lay.manifest)
-    _step(manifest, "lucene", lay.lucene_index, lucene, lay.manifest)
-    _step(manifest, f"lm_{model}", lay.models / model, lm, lay.manifest)
-    _step(manifest, f"rest_{model}", lay.rest_datastore(model), rest, lay.manifest)
-    _step(manifest, f"knn_{model}", lay.knn_datastore(model), knn, lay.manifest)
+    steps: list[tuple[str, str, Path, Callable[[], None]]] = [
+        ("corpus", "corpus", lay.passages, corpus), ("embeddings", "embeddings", lay.embeddings, embeddings),
+        *[("faiss", f"faiss_{kind}", lay.faiss_index(kind), faiss_index(kind)) for kind in ("flat", "hnsw", "ivf")],
+        ("lucene", "lucene", lay.lucene_index, lucene), ("lm", f"lm_{model}", lay.models / model, lm),
+        ("rest", f"rest_{model}", lay.rest_datastore(model), rest),
+        ("knn", f"knn_{model}", lay.knn_datastore(model), knn)]
+    for group, name, out, run in steps:
+        if group not in skip:
+            _step(manifest, name, out, run, lay.manifest)
     with lay.passages.open() as f:
         manifest["passages"] = sum(1 for _ in f)
     with lay.questions.open() as f:

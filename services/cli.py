@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _assets(args: argparse.Namespace) -> int:
     from services.assets import build, table
 
-    manifest = build(args.profile, model=args.model)
+    manifest = build(args.profile, model=args.model, skip=args.skip)
     print(table(args.profile, manifest))
     return 0
 
@@ -90,6 +90,8 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("assets", help="build the corpus, indexes and model of a profile (idempotent)")
     a.add_argument("--profile", choices=PROFILES, default=os.environ.get("RALMSPEC_PROFILE", "default"))
     a.add_argument("--model", default=os.environ.get("RALMSPEC_MODEL", "smollm2-135m"))
+    a.add_argument("--skip", nargs="*", default=[], metavar="STEP",
+                   help="steps not to build: corpus embeddings faiss lucene lm rest knn (e.g. knn: hours on a CPU)")
     a.set_defaults(run=_assets)
     q = sub.add_parser("ask", help="answer a question with iterative retrieval-augmented generation")
     q.add_argument("question")
