@@ -22,6 +22,7 @@ import torch
 
 from bench.results_io import write
 from services.common.equivalence import compare
+from services.datastore.rest_datastore import RestDatastore
 from services.gateway.backends import drafted_greedy
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
@@ -59,6 +60,18 @@ def hf_prompt_lookup(engine, seq: list[int], n: int) -> tuple[list[int], float]:
     return out[0, len(seq):].tolist(), time.perf_counter() - t
 
 
+def lookup_latency(datastore: RestDatastore, contexts: list[list[int]]) -> dict:
+    """REST lookup (longest suffix 16..2, up to 5000 matches, 10-token continuations) latency over contexts."""
+    times = []
+    for ctx in contexts:
+        t = time.perf_counter()
+        datastore.lookup(ctx, max_suffix=16, min_suffix=2, max_matches=5000, continuation=10)
+        times.append(1000 * (time.perf_counter() - t))
+    times.sort()
+    return {"tokens": datastore.n_tokens, "lookups": len(times), "p50_ms": times[len(times) // 2],
+            "p99_ms": times[min(len(times) - 1, int(0.99 * len(times)))], "max_ms": times[-1]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="default")
@@ -68,6 +81,8 @@ def main() -> None:
     ap.add_argument("--ralm-requests", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=0.8, help="of the sampled rows; 0: no sampled rows")
     ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--lookup-profiles", nargs="*", default=["default", "large"],
+                    help="REST datastores whose lookup latency is measured on the greedy contexts")
     args = ap.parse_args()
     sampling = SamplingParams(args.temperature, args.top_p).validate()
     settings = GatewaySettings.from_env(profile=args.profile)
@@ -112,6 +127,10 @@ def main() -> None:
                  "identical": all(t == g.tokens for (t, _), (g, _) in zip(hf, base)), "near_ties": 0,
                  "mismatches": sum(t != g.tokens for (t, _), (g, _) in zip(hf, base))})
     print(rows[-1], flush=True)
+    contexts = [seq + e.tokens[:i] for seq, (e, _) in zip(seqs, base) for i in range(len(e.tokens))]
+    lookups = {p: lookup_latency(RestDatastore.load(settings.layout.for_profile(p, settings.data).rest_datastore(
+        settings.model)), contexts) for p in args.lookup_profiles}
+    print(lookups, flush=True)
     for name, _, b in sampled:  # no token-for-token check: the draws differ, the distribution does not
         rs = runs[name]
         rows.append({"method": name.split(" ")[0], "budget": b or None, "tokens_per_s": tps(rs),
@@ -143,7 +162,7 @@ def main() -> None:
     write("rest", {"profile": args.profile, "prompts": len(seqs), "max_new_tokens": n,
                    "torch_threads": torch.get_num_threads(), "sampling": {"temperature": sampling.temperature,
                                                                          "top_p": sampling.top_p},
-                   "rows": rows, "ralm_combination": combination},
+                   "rows": rows, "ralm_combination": combination, "lookup_latency": lookups},
           ["method", "budget", "tokens_per_s", "accepted_per_forward", "speedup_vs_greedy", "identical", "near_ties",
            "mismatches", "speedup_vs_plain_sampling"],
           f"REST on the RaLM workload ({args.profile}: passage + QA prompt, {len(seqs)} prompts x {n} tokens)",
@@ -151,7 +170,9 @@ def main() -> None:
           f"c = {best['budget']}): paper {mean['paper']:.1f} s, kv {mean['kv']:.1f} s, RaLMSpec +P "
           f"{mean['ralmspec+P']:.1f} s, RaLMSpec +P with drafting {mean['ralmspec+P+rest']:.1f} s "
           f"({combination['speedup_vs_ralmspec']:.2f}x over RaLMSpec +P, {combination['speedup_vs_paper']:.2f}x over "
-          f"the paper baseline); identical {combination['identical']}.")
+          f"the paper baseline); identical {combination['identical']}.\n\nREST lookup latency on the greedy contexts: "
+          + ", ".join(f"{p} ({v['tokens']} tokens) p50 {v['p50_ms']:.3f} ms, p99 {v['p99_ms']:.3f} ms"
+                      for p, v in lookups.items()))
 
 
 if __name__ == "__main__":
