@@ -21,7 +21,7 @@ their key, up to 101 at once); ties rank by entry id everywhere.
 Distances. FAISS's float32 distances depend on its kernel (faiss 1.15): while nq·d < `faiss.cvar.
 distance_compute_blas_threshold` (128000 by default: up to 222 queries of 576 dims) each distance is a sequential
 float32 sum of squared differences and a batch gives bit-identical distances to each query alone; past it
-(`services.retriever.dense.BLAS_THRESHOLD`, set at load: 3+ queries of 576 dims, where one product beats
+(`services.retriever.dense.BLAS_THRESHOLD`, set at load: 7+ queries of 576 dims, where one product beats
 separate scans), they come from |x|² + |y|² - 2x·y with sgemm, differ from the sequential ones in the last
 bits (up to 3e-3 here), and a batch may or may not equal its queries alone (tiny profile, 8 queries: 25% of
 distances and 12% of top-32 ids differed). See tests/datastore/test_knn_datastore.py::test_faiss_batch_vs_single.

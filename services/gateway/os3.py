@@ -18,12 +18,23 @@ Two additions to the paper's objective, both exact accounting rather than new he
   which starts at s = 1, would lose time to every wrong guess.
 γ is estimated online as ΣM / (ΣM + #{rounds with M < s}) over a window of recent rounds (M = matched
 steps), capped (RaLMSpec's code caps it at 0.6) so one lucky window cannot push s far out.
+A third addition: b depends on s. The paper treats a batched verification as one cost, which holds on a GPU;
+on a CPU a batch of s exact searches costs up to s single ones (FAISS scans once per query below its BLAS
+threshold, `services/retriever/dense.py`). So b(s) = b0 + b1·s is fitted online by least squares over recent
+(batch size, seconds) samples, and the scheduler sees that a longer stride buys no cheaper verification.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+
+Cost = float | Callable[[int], float]  # verification latency: a constant, or a function of the batch size s
+
+
+def _at(b: Cost, s: int) -> float:
+    return b(s) if callable(b) else b
 
 
 def expected_verified(s: int, gamma: float) -> float:
@@ -31,14 +42,15 @@ def expected_verified(s: int, gamma: float) -> float:
     return float(s) if gamma >= 1.0 else (1.0 - gamma**s) / (1.0 - gamma)
 
 
-def round_latency(s: int, a: float, b: float, gamma: float, asynchronous: bool) -> float:
+def round_latency(s: int, a: float, b: Cost, gamma: float, asynchronous: bool) -> float:
+    b = _at(b, s)
     hit = gamma**s
     if not asynchronous:
         return s * a + b + (1.0 - hit) * a
     return hit * ((s - 1) * a + max(a, b)) + (1.0 - hit) * (s * a + b + a)
 
 
-def optimal_stride(a: float, b: float, gamma: float, asynchronous: bool = False, max_stride: int = 16,
+def optimal_stride(a: float, b: Cost, gamma: float, asynchronous: bool = False, max_stride: int = 16,
                    allow_plain: bool = False) -> int:
     """The first local maximum of E(s) / round_latency(s), searching s = 1, 2, ... up to max_stride;
     0 (do not speculate) when `allow_plain` and a plain step, 1 / (a + b), is at least as fast."""
@@ -48,7 +60,7 @@ def optimal_stride(a: float, b: float, gamma: float, asynchronous: bool = False,
         if value <= best:
             break
         best_s, best = s, value
-    if allow_plain and 1.0 / (a + b) >= best:
+    if allow_plain and 1.0 / (a + _at(b, 1)) >= best:
         return 0
     return best_s
 
@@ -71,7 +83,7 @@ class OS3:
         self.config = config
         self._rounds: deque[tuple[int, int]] = deque(maxlen=config.window)  # (stride s, matched M)
         self._a: deque[float] = deque(maxlen=config.latency_window)
-        self._b: deque[float] = deque(maxlen=config.latency_window)
+        self._b: deque[tuple[int, float]] = deque(maxlen=config.latency_window)  # (batch size, seconds)
 
     def observe_round(self, stride: int, matched: int) -> None:
         if not 0 <= matched <= stride:
@@ -81,8 +93,22 @@ class OS3:
     def observe_speculation(self, seconds: float) -> None:
         self._a.append(seconds)
 
-    def observe_verification(self, seconds: float) -> None:
-        self._b.append(seconds)
+    def observe_verification(self, seconds: float, queries: int = 1) -> None:
+        self._b.append((queries, seconds))
+
+    def verification_cost(self) -> Cost:
+        """b(s) = b0 + b1·s by least squares over the recent samples (b1, b0 ≥ 0); the mean when every sample
+        had the same batch size (nothing to fit)."""
+        n = len(self._b)
+        xs = [float(q) for q, _ in self._b]
+        ys = [t for _, t in self._b]
+        mx, my = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0.0:
+            return my
+        b1 = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx)
+        b0 = max(0.0, my - b1 * mx)
+        return lambda s: b0 + b1 * s
 
     @property
     def gamma(self) -> float:
@@ -96,6 +122,5 @@ class OS3:
         if not self._rounds or not self._a or not self._b:
             return self.config.initial_stride
         a = sum(self._a) / len(self._a)
-        b = sum(self._b) / len(self._b)
-        return optimal_stride(a, b, self.gamma, self.config.asynchronous, self.config.max_stride,
+        return optimal_stride(a, self.verification_cost(), self.gamma, self.config.asynchronous, self.config.max_stride,
                               self.config.allow_plain)

@@ -192,7 +192,7 @@ class SpeculationLoop(Generic[K, G, T]):
         self.g.remember([truth])
         if guess is not None:
             self.os3.observe_round(1, int(self.g.agrees(key, guess, truth)))
-        self.os3.observe_verification(verdict.seconds)
+        self.os3.observe_verification(verdict.seconds, 1)
         self.decode(key, self.g.correct(truth))
         if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
             self.os3.observe_speculation(time.perf_counter() - t - verdict.seconds)
@@ -215,7 +215,7 @@ class SpeculationLoop(Generic[K, G, T]):
         self.g.remember(truths[:verified])
         self.res.retrievals += len(steps)
         self.calls += 1
-        self.os3.observe_verification(verdict.seconds)
+        self.os3.observe_verification(verdict.seconds, len(steps))
         matched = len(steps) if bad is None else bad
         self.os3.observe_round(len(steps), matched)
         self.speculated += len(steps)

@@ -36,11 +36,12 @@ def configure(params: DenseParams) -> None:
 
 
 # FAISS scans the rows once per query below `nq * d` = this, and runs one BLAS product for the whole batch at or
-# above it. Measured (1 thread, flat, 49k x 384 k=20 and 40k x 576 k=1024): one query scans 4x faster than a
-# one-row product (9 vs 37-45 ms); from 3-4 queries the product wins (16 queries: 46-70 ms vs 142-160 ms). So 1-2
-# queries scan, 3+ (d = 576) or 4+ (d = 384) queries multiply. Results never depend on it: every search
-# re-scores its candidates exactly (`rescore` here, `knn_datastore.search`). Process-wide: one policy for all.
-BLAS_THRESHOLD = 1536
+# above it. Measured on this 2-core CPU, 1 thread: a scan costs c·nq, a product F + small·nq with a fixed cost F
+# of ~4 scans (one-row product: 49k x 384 k=20, 37 vs 9 ms; 600k x 576 k=1024, 295-324 vs 50 ms). Crossover:
+# 4 queries (49k x 384), 5 (40k x 576), 7 (600k x 576: 4 queries 258 vs 274 ms, 8: 475 vs 294 ms). So up to 6
+# queries of 576 dims (10 of 384) scan, more multiply. Results never depend on it: every search re-scores its
+# candidates exactly (`rescore` here, `knn_datastore.search`). Process-wide: one policy for all indexes.
+BLAS_THRESHOLD = 7 * 576
 
 
 def ivf_nlist(n: int) -> int:

@@ -80,3 +80,24 @@ def test_online_stride_follows_measured_latencies():
     plain.observe_speculation(0.5)
     plain.observe_verification(0.03)
     assert plain.next_stride() == 0
+
+
+def test_verification_that_costs_per_query_removes_the_incentive_to_speculate():
+    # the paper's regime with a constant batched cost speculates; if a batch of s costs s single searches
+    # (exact search on a CPU), nothing is saved by batching and a plain step is optimal
+    assert optimal_stride(a=0.1, b=4.3, gamma=0.6, allow_plain=True) == 6
+    assert optimal_stride(a=0.1, b=lambda s: 4.3 * s, gamma=0.6, allow_plain=True) == 0
+    # a fixed cost plus a small per-query cost (a BLAS product) still rewards batching
+    assert optimal_stride(a=0.1, b=lambda s: 4.0 + 0.1 * s, gamma=0.6, allow_plain=True) >= 3
+
+
+def test_online_fit_of_the_verification_cost():
+    os3 = OS3(OS3Config())
+    for q, t in [(1, 0.05), (3, 0.15), (5, 0.25), (1, 0.05)]:
+        os3.observe_verification(t, q)
+    cost = os3.verification_cost()
+    assert callable(cost) and cost(4) == pytest.approx(0.2) and cost(1) == pytest.approx(0.05)
+    same = OS3(OS3Config())
+    for t in (0.1, 0.3):
+        same.observe_verification(t, 2)
+    assert same.verification_cost() == pytest.approx(0.2)  # one batch size: nothing to fit, the mean
