@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,7 +27,7 @@ import torch
 
 from services.common.errors import InvalidRequest
 from services.gateway.ralm import Emit, RalmResult
-from services.gateway.speculation import SpecConfig, SpeculationLoop
+from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
 from services.lm.engine import LmEngine, StopSets
 from services.lm.knnlm import KnnLmConfig, next_token
 
@@ -113,7 +112,7 @@ class KnnLmEngine:
             new_cache = KnnCache
         self.new_cache = new_cache
         self.stop_sets = stops or StopSets.of(tokenizer)
-        self._pool = ThreadPoolExecutor(max_workers=verify_workers, thread_name_prefix="knn-verify")
+        self._pool = verification_pool(verify_workers)
 
     def encode(self, text: str) -> list[int]:
         ids = list(self.tok(text, add_special_tokens=False).input_ids)  # type: ignore[operator]

@@ -11,14 +11,13 @@ iterative RaLM's (`ralm.py`, kv-reuse).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.backends import Cache
 from services.gateway.prefetch import PrefetchPolicy
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
-from services.gateway.speculation import PRESETS, SpecConfig, SpeculationLoop
+from services.gateway.speculation import PRESETS, SpecConfig, SpeculationLoop, verification_pool
 from services.retriever.retriever import Retriever
 from services.retriever.types import Hit
 from services.verifier.verification import NO_DOC, top1
@@ -81,7 +80,7 @@ class SpeculativeRalm:
     def __init__(self, engine: RalmEngine, verify_workers: int = 1) -> None:
         self.engine = engine
         # Asynchronous verification runs here; one worker per request in flight at once.
-        self._pool = ThreadPoolExecutor(max_workers=verify_workers, thread_name_prefix="verify")
+        self._pool = verification_pool(verify_workers)
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
                  emit: Emit | None = None) -> RalmResult:
