@@ -24,6 +24,7 @@ from services.gateway.knnlm import KnnLmEngine, KnnRequest
 from services.gateway.ralm import RalmResult
 from services.gateway.settings import GatewaySettings
 from services.gateway.speculation import PRESETS
+from services.lm.engine import LmEngine
 from services.lm.knnlm import KnnLmConfig, perplexity
 from services.retriever.corpus import read_passages
 from services.retriever.docstore import DocStore
@@ -34,6 +35,26 @@ METHODS = {"spec": "ralmspec", "+P": "+P", "+S": "+S", "+A": "+A", "+PSA": "+PSA
 def held_out(knn: KnnLmEngine, docs: DocStore) -> list[int]:
     inside = set(np.unique(knn.ds.text).tolist())  # type: ignore[attr-defined]
     return [i for i in range(len(docs)) if i not in inside]
+
+
+GRID = [KnnLmConfig(lam=lam, temperature=t) for t in (1.0, 10.0, 100.0, 1000.0) for lam in (0.05, 0.1, 0.25)]
+
+
+def perplexities(knn: KnnLmEngine, lm: LmEngine, docs: DocStore, held: list[int], n: int) -> dict:
+    """LM vs KNN-LM on held-out passages: kNN-LM's defaults (k = 1024, λ = 0.25, T = 1) on the test split, and the
+    (λ, T) of GRID with the lowest perplexity on a validation split (the next n held-out passages), on test."""
+    def texts(ids: list[int]) -> list[list[int]]:
+        return [knn.encode(docs.document(i)) for i in ids]
+
+    test, val = held[:n], held[n : 2 * n]
+    default = KnnLmConfig()
+    on_val = perplexity(lm.lm, texts(val), knn.ds.search, knn.ds.values, GRID)
+    tuned = GRID[min(range(len(GRID)), key=lambda i: on_val.knnlm[i])]
+    on_test = perplexity(lm.lm, texts(test), knn.ds.search, knn.ds.values, [default, tuned])
+    return {"lm": on_test.lm, "knnlm": on_test.knnlm[0], "tokens": on_test.tokens, "passages": len(test),
+            "defaults": {"k": default.k, "lam": default.lam, "temperature": default.temperature},
+            "tuned": {"lam": tuned.lam, "temperature": tuned.temperature, "knnlm": on_test.knnlm[1],
+                      "val_lm": on_val.lm, "val_knnlm": min(on_val.knnlm)}}
 
 
 def run_grid(knn: KnnLmEngine, prompts: list[str], size: int, indexes: list[str], ks: list[int],
@@ -81,7 +102,7 @@ def main() -> None:
     ap.add_argument("--name", default="knnlm")
     args = ap.parse_args()
     rows: list[dict] = []
-    lm = None
+    lm: LmEngine | None = None
     sizes = {}
     ppl = None
     for profile in args.profiles:
@@ -97,9 +118,7 @@ def main() -> None:
         knn.generate(prompts[0], KnnRequest(4))  # warm up
         rows += run_grid(knn, prompts, size, args.indexes, args.ks, args.max_new_tokens)
         if profile == args.profiles[-1]:
-            texts = [knn.encode(docs.document(i)) for i in held[: args.ppl_passages]]
-            p = perplexity(lm.lm, texts, knn.ds.search, knn.ds.values, KnnLmConfig())
-            ppl = {"lm": p.lm, "knnlm": p.knnlm, "tokens": p.tokens, "passages": len(texts), "profile": profile}
+            ppl = perplexities(knn, lm, docs, held, args.ppl_passages)
             print(ppl, flush=True)
         del knn
     best = {}
@@ -114,8 +133,10 @@ def main() -> None:
           f"KNN-LM: baseline vs speculative retrieval ({args.prompts} prompts x {args.max_new_tokens} tokens)",
           "Best speedup per datastore and index: " + ", ".join(
               f"{s} tokens {i}: {v:.2f}x" for (s, i), v in sorted(best.items()))
-          + (f"\n\nPerplexity on {ppl['passages']} held-out passages ({ppl['tokens']} tokens, {ppl['profile']} "
-             f"datastore, k=1024, λ=0.25): LM {ppl['lm']:.2f}, KNN-LM {ppl['knnlm']:.2f}" if ppl else ""))
+          + (f"\n\nPerplexity on {ppl['passages']} held-out passages ({ppl['tokens']} tokens, largest datastore): "
+             f"LM {ppl['lm']:.2f}; KNN-LM with kNN-LM's defaults (k=1024, λ=0.25, T=1) {ppl['knnlm']:.2f}; with "
+             f"λ={ppl['tuned']['lam']}, T={ppl['tuned']['temperature']:g} (chosen on {ppl['passages']} other "
+             f"held-out passages) {ppl['tuned']['knnlm']:.2f}" if ppl else ""))
     chart(rows, args.name)
 
 

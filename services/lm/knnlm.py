@@ -71,30 +71,33 @@ def log_prob(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg: K
 class Perplexity:
     tokens: int  # predicted tokens
     lm: float  # perplexity of the LM alone
-    knnlm: float  # perplexity of the interpolation
+    knnlm: list[float]  # perplexity of the interpolation, one per config
 
 
 @torch.inference_mode()
 def perplexity(lm: LoadedLM, texts: Sequence[Sequence[int]], search: Search, values: np.ndarray,
-               cfg: KnnLmConfig, max_len: int = 512) -> Perplexity:
-    """Perplexity of token-id texts (each cut to `max_len`) under the LM alone and under KNN-LM, from one forward
-    per text and one batched datastore search per text (every position's query at once)."""
-    nll_lm = nll_knn = 0.0
-    n = 0
+               configs: Sequence[KnnLmConfig], max_len: int = 512) -> Perplexity:
+    """Perplexity of token-id texts (each cut to `max_len`) under the LM alone and under KNN-LM with each config
+    (which must share k and index: the neighbours are searched once), from one forward and one batched datastore
+    search per text (every position's query at once)."""
+    if not configs or len({(c.k, c.index) for c in configs}) != 1:
+        raise InvalidRequest("perplexity configs must share k and index")
+    k, index = configs[0].k, configs[0].index
+    nll_lm, nll_knn, n = 0.0, [0.0] * len(configs), 0
     for ids in texts:
         ids = list(ids)[:max_len]
         if len(ids) < 2:
             continue
-        x = torch.tensor([ids], device=lm.device)
-        out = lm.model(input_ids=x, output_hidden_states=True)
+        out = lm.model(input_ids=torch.tensor([ids], device=lm.device), output_hidden_states=True)
         hidden = out.hidden_states[-1][0, :-1].float().cpu().numpy()  # [L-1, d]: queries for tokens 1..L-1
         logits = out.logits[0, :-1].float().cpu()  # [L-1, vocab]
-        dists, found = search(np.ascontiguousarray(hidden), cfg.k, cfg.index)
+        dists, found = search(np.ascontiguousarray(hidden), k, index)
         for j, target in enumerate(ids[1:]):
             vals = np.where(found[j] >= 0, values[np.maximum(found[j], 0)], -1)
             nll_lm -= float(torch.log_softmax(logits[j].double(), -1)[target])
-            nll_knn -= log_prob(logits[j], dists[j], vals, cfg, target)
+            for c, cfg in enumerate(configs):
+                nll_knn[c] -= log_prob(logits[j], dists[j], vals, cfg, target)
             n += 1
     if n == 0:
         raise InvalidRequest("perplexity needs at least one text of two or more tokens")
-    return Perplexity(n, math.exp(nll_lm / n), math.exp(nll_knn / n))
+    return Perplexity(n, math.exp(nll_lm / n), [math.exp(x / n) for x in nll_knn])

@@ -125,3 +125,15 @@ def test_empty_prompt_and_bad_lengths_are_rejected(knn, prompts):
         knn.speculate(prompts[0], KnnRequest(0), PRESETS["ralmspec"])
     with pytest.raises(InvalidRequest):
         knn.speculate(prompts[0], KnnRequest(4), SpecConfig(stride=0))
+
+
+def test_perplexity_with_lambda_zero_is_the_lm_alone(knn, engine, prompts):
+    from services.lm.knnlm import perplexity
+
+    texts = [knn.encode(p) for p in prompts[:2]]
+    p = perplexity(engine.backends.lm.lm, texts, knn.ds.search, knn.ds.values,
+                   [KnnLmConfig(lam=0.0), KnnLmConfig(lam=0.25)])
+    assert p.tokens == sum(len(t) - 1 for t in texts)
+    assert p.knnlm[0] == pytest.approx(p.lm, rel=1e-9) and p.knnlm[1] != p.lm
+    with pytest.raises(InvalidRequest):
+        perplexity(engine.backends.lm.lm, texts, knn.ds.search, knn.ds.values, [KnnLmConfig(k=1), KnnLmConfig()])
