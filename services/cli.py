@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from services.common.errors import RalmError
+from services.common.errors import InvalidRequest, RalmError
 from services.common.layout import PROFILES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -61,6 +61,34 @@ def _ask(args: argparse.Namespace) -> int:
     return 0
 
 
+def _knn(args: argparse.Namespace) -> int:
+    from services.gateway.inprocess import open_knnlm
+    from services.gateway.knnlm import KnnRequest
+    from services.gateway.settings import GatewaySettings
+    from services.gateway.speculation import PRESETS
+    from services.lm.knnlm import KnnLmConfig
+
+    if not args.prompt.strip():
+        raise InvalidRequest("the prompt is empty")
+    req = KnnRequest(args.max_new_tokens, knn=KnnLmConfig(k=args.k, lam=args.lam, temperature=args.temperature,
+                                                          index=args.index))
+    req.validate()  # before loading anything
+    knn = open_knnlm(GatewaySettings.from_env(profile=args.profile, model=args.model))
+    res = knn.speculate(args.prompt, req, PRESETS[args.speculate]) if args.speculate else knn.generate(args.prompt, req)
+    if args.json:
+        print(json.dumps({"text": res.text, "tokens": res.tokens, "retrieval_s": res.retrieval_s, "lm_s": res.lm_s,
+                          "total_s": res.total_s, "stats": res.stats}))
+        return 0
+    print(f"{args.prompt}{res.text}")
+    print(f"time: {len(res.tokens)} tokens, datastore search {res.retrieval_s * 1e3:.0f} ms, "
+          f"LM {res.lm_s * 1e3:.0f} ms, total {res.total_s * 1e3:.0f} ms")
+    if "spec_accuracy" in res.stats:
+        s = res.stats
+        print(f"speculation: accuracy {s['spec_accuracy']:.2f}, {s['retrieval_calls']} searches, "
+              f"mean stride {s['mean_stride']:.1f}, {s['rollbacks']} rollbacks")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from services.serve import run
 
@@ -105,6 +133,19 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=128)
     q.add_argument("--json", action="store_true", help="print one JSON object")
     q.set_defaults(run=_ask)
+    kn = sub.add_parser("knn", help="continue a text with KNN-LM (a datastore search at every token)")
+    kn.add_argument("prompt")
+    kn.add_argument("--speculate", choices=["ralmspec", "+P", "+S", "+A", "+PSA"], default=None,
+                    help="speculative retrieval (same tokens as the baseline): the paper's ablation switches")
+    kn.add_argument("--k", type=int, default=1024, help="neighbours per token")
+    kn.add_argument("--lam", type=float, default=0.25, help="weight of the kNN distribution")
+    kn.add_argument("--temperature", type=float, default=1.0, help="of the softmax over negative distances")
+    kn.add_argument("--index", choices=["exact", "approx"], default="exact")
+    kn.add_argument("--profile", choices=PROFILES, default=None)
+    kn.add_argument("--model", default=None)
+    kn.add_argument("--max-new-tokens", type=int, default=32)
+    kn.add_argument("--json", action="store_true", help="print one JSON object")
+    kn.set_defaults(run=_knn)
     sv = sub.add_parser("serve", help="run one service (gRPC + Redis stream worker); settings from RALMSPEC_*")
     sv.add_argument("service", choices=["lm", "retriever", "verifier", "datastore", "gateway"])
     sv.add_argument("--profile", choices=PROFILES, default=None)

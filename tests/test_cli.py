@@ -37,6 +37,9 @@ def test_ask_is_deterministic_across_processes():
     (["ask", "x", "--stride", "0"], "stride must be positive"),
     (["ask", "word " * 1900], "characters long"),
     (["ask", "Who?", "--max-new-tokens", "1900"], "over the limit"),
+    (["knn", "  "], "prompt is empty"),
+    (["knn", "The", "--lam", "2"], "lambda"),
+    (["knn", "The", "--k", "0"], "neighbours per token"),
 ])
 def test_bad_input_exits_2_with_a_message_not_a_traceback(args, message):
     p = ralmspec(*args)
@@ -51,3 +54,10 @@ def test_assets_is_idempotent_and_prints_the_table():
     for step in ("embeddings", "faiss_flat", "faiss_hnsw", "faiss_ivf", "lucene"):
         assert step in p.stdout
     assert "encoding" not in p.stdout and "building" not in p.stdout
+
+
+@pytest.mark.slow
+def test_knn_speculation_prints_the_baseline_tokens():
+    base, spec = (json.loads(ralmspec("knn", "The Super Bowl is", "--json", "--max-new-tokens", "8", *extra).stdout)
+                  for extra in ([], ["--speculate", "+PSA"]))
+    assert spec["tokens"] == base["tokens"] and spec["stats"]["spec_accuracy"] >= 0
