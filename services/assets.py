@@ -69,11 +69,11 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
     def embeddings() -> None:
         from services.retriever.corpus import read_passages
         from services.retriever.docstore import DocStore
-        from services.retriever.encoder import Encoder
+        from services.retriever.encoder import Encoder, bf16_is_fast
 
         store = DocStore(read_passages(lay.passages))
         texts = [store.document(i) for i in range(len(store))]
-        print(f"encoding {len(texts)} passages (bf16)", flush=True)
+        print(f"encoding {len(texts)} passages ({'bf16' if bf16_is_fast('cpu') else 'float32'})", flush=True)
         vecs = Encoder().encode_passages(texts, bf16=True, progress=True)
         tmp = lay.embeddings.with_name("embeddings.part.npy")
         np.save(tmp, vecs)
