@@ -18,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.results_io import RESULTS, write
+from bench import results_io
+from bench.results_io import write
 from services.common.equivalence import compare
-from services.gateway.inprocess import open_knnlm, open_lm
+from services.datastore.knn_datastore import KnnDatastore
+from services.gateway.inprocess import open_knn_datastore, open_knnlm, open_lm
 from services.gateway.knnlm import KnnLmEngine, KnnRequest
 from services.gateway.ralm import RalmResult
 from services.gateway.settings import GatewaySettings
@@ -42,15 +44,15 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def held_out(knn: KnnLmEngine, docs: DocStore) -> list[int]:
-    inside = set(np.unique(knn.ds.text).tolist())  # type: ignore[attr-defined]
+def held_out(ds: KnnDatastore, docs: DocStore) -> list[int]:
+    inside = set(np.unique(ds.text).tolist())
     return [i for i in range(len(docs)) if i not in inside]
 
 
 GRID = [KnnLmConfig(lam=lam, temperature=t) for t in (1.0, 10.0, 100.0, 1000.0) for lam in (0.05, 0.1, 0.25)]
 
 
-def perplexities(knn: KnnLmEngine, lm: LmEngine, docs: DocStore, held: list[int], n: int) -> dict:
+def perplexities(knn: KnnLmEngine, ds: KnnDatastore, lm: LmEngine, docs: DocStore, held: list[int], n: int) -> dict:
     """LM vs KNN-LM on held-out passages: kNN-LM's defaults (k = 1024, λ = 0.25, T = 1) on the test split, and the
     (λ, T) of GRID with the lowest perplexity on a validation split (the next n held-out passages), on test."""
     def texts(ids: list[int]) -> list[list[int]]:
@@ -58,9 +60,9 @@ def perplexities(knn: KnnLmEngine, lm: LmEngine, docs: DocStore, held: list[int]
 
     test, val = held[:n], held[n : 2 * n]
     default = KnnLmConfig()
-    on_val = perplexity(lm.lm, texts(val), knn.ds.search, knn.ds.values, GRID)
+    on_val = perplexity(lm.lm, texts(val), ds.search, ds.values, GRID)
     tuned = GRID[min(range(len(GRID)), key=lambda i: on_val.knnlm[i])]
-    on_test = perplexity(lm.lm, texts(test), knn.ds.search, knn.ds.values, [default, tuned])
+    on_test = perplexity(lm.lm, texts(test), ds.search, ds.values, [default, tuned])
     return {"lm": on_test.lm, "knnlm": on_test.knnlm[0], "tokens": on_test.tokens, "passages": len(test),
             "defaults": {"k": default.k, "lam": default.lam, "temperature": default.temperature},
             "tuned": {"lam": tuned.lam, "temperature": tuned.temperature, "knnlm": on_test.knnlm[1],
@@ -118,20 +120,21 @@ def main() -> None:
     for profile in args.profiles:
         settings = GatewaySettings.from_env(profile=profile)
         lm = lm or open_lm(settings)
-        knn = open_knnlm(settings, lm)
+        ds = open_knn_datastore(settings)
+        knn = open_knnlm(settings, lm, ds)
         warm(settings.layout.knn_datastore(settings.model))
         docs = DocStore(read_passages(settings.layout.passages))
-        held = held_out(knn, docs)
+        held = held_out(ds, docs)
         prompts = [" ".join(docs.document(i).split()[:24]) for i in held[:: max(1, len(held) // args.prompts)]]
         prompts = prompts[: args.prompts]
-        size = int(len(knn.ds.values))
+        size = ds.size
         sizes[profile] = size
         knn.generate(prompts[0], KnnRequest(4))  # warm up
         rows += run_grid(knn, prompts, size, args.indexes, args.ks, args.max_new_tokens)
         if profile == args.profiles[-1]:
-            ppl = perplexities(knn, lm, docs, held, args.ppl_passages)
+            ppl = perplexities(knn, ds, lm, docs, held, args.ppl_passages)
             print(ppl, flush=True)
-        del knn
+        del knn, ds
     best = {}
     for r in rows:
         key = (r["datastore_tokens"], r["index"])
@@ -152,18 +155,9 @@ def main() -> None:
 
 
 def chart(rows: list[dict], name: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no chart")
-        return
-    groups = list(dict.fromkeys((r["datastore_tokens"], r["index"]) for r in rows))
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-    for ax, (size, index) in zip(axes[0], groups):
-        rs = [r for r in rows if (r["datastore_tokens"], r["index"]) == (size, index)]
+    def draw(ax, group: tuple[int, str]) -> None:
+        size, index = group
+        rs = [r for r in rows if (r["datastore_tokens"], r["index"]) == group]
         for m in dict.fromkeys(r["method"] for r in rs):
             pts = [(r["k"], r["speedup"]) for r in rs if r["method"] == m]
             ax.plot([str(k) for k, _ in pts], [s for _, s in pts], marker="o", label=m)
@@ -171,8 +165,8 @@ def chart(rows: list[dict], name: str) -> None:
         ax.set_xlabel("k")
         ax.axhline(1.0, color="gray", lw=0.5)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+
+    results_io.chart(name, list(dict.fromkeys((r["datastore_tokens"], r["index"]) for r in rows)), draw)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.results_io import RESULTS, write
+from bench import results_io
+from bench.results_io import write
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
@@ -127,23 +128,13 @@ def main() -> None:
 
 
 def chart(rows: list[dict], name: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no chart")
-        return
-    retrievers = list(dict.fromkeys(r["retriever"] for r in rows))
-    fig, axes = plt.subplots(1, len(retrievers), figsize=(5 * len(retrievers), 4), squeeze=False)
-    for ax, ret in zip(axes[0], retrievers):
-        rs = [r for r in rows if r["retriever"] == ret]
+    def draw(ax, retriever: str) -> None:
+        rs = [r for r in rows if r["retriever"] == retriever]
         ax.bar([r["method"] for r in rs], [r["latency_s"] for r in rs], color="tab:blue")
-        ax.set_title(f"{ret}: latency per request (s)")
+        ax.set_title(f"{retriever}: latency per request (s)")
         ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=100)
+
+    results_io.chart(name, list(dict.fromkeys(r["retriever"] for r in rows)), draw)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch
 from bench.results_io import write
 from services.common.equivalence import compare
 from services.datastore.rest_datastore import RestDatastore
-from services.gateway.backends import drafted_greedy
+from services.gateway.backends import drafted_decode
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
 from services.gateway.ralm import RalmConfig
@@ -43,7 +43,7 @@ def decode(engine, seq: list[int], n: int, draft: str, budget: int,  # type: ign
     t = time.perf_counter()
     try:
         out = (lm.step(sid, seq, n, False, sampling=sampling) if draft == "none"
-               else drafted_greedy(engine.backends, sid, seq, n, False, draft, budget, sampling))
+               else drafted_decode(engine.backends, sid, seq, n, False, draft, budget, sampling))
     finally:
         lm.close(sid)
     return out, time.perf_counter() - t

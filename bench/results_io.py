@@ -8,7 +8,11 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+G = TypeVar("G")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,3 +64,21 @@ def write(name: str, payload: dict, columns: list[str], title: str, notes: str =
     (RESULTS / f"{name}.md").write_text("\n".join(md))
     print("\n".join(md))
     return RESULTS / f"{name}.json"
+
+
+def chart(name: str, groups: Sequence[G], draw: Callable[[Any, G], None]) -> None:
+    """One panel per group, side by side, saved as `results/<name>.png`; `draw(ax, group)` fills a panel.
+    Without matplotlib (it is a dev extra) the chart is skipped with a line, the JSON and markdown stay."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart")
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        draw(ax, group)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=100)

@@ -7,9 +7,13 @@ import json
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from services.common.errors import InvalidRequest, RalmError
 from services.common.layout import PROFILES
+
+if TYPE_CHECKING:
+    from services.gateway.ralm import RalmResult
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -43,22 +47,11 @@ def _ask(args: argparse.Namespace) -> int:
     else:
         res = engine.generate(prompt, cfg, retriever or "exact")
     used = list(dict.fromkeys(res.doc_ids))
-    if args.json:
-        print(json.dumps({"answer": res.text, "tokens": res.tokens, "passages": [
-            {"id": p, "title": engine.docs.get(p).title} for p in used],
-            "retrieval_s": res.retrieval_s, "lm_s": res.lm_s, "total_s": res.total_s, "stats": res.stats}))
-        return 0
-    print(f"answer: {res.text}")
-    print(f"passages ({retriever or 'no retrieval'}, {res.retrievals} retrievals):")
-    for p in used:
-        print(f"  [{p}] {engine.docs.get(p).title or '(untitled)'}: {engine.docs.get(p).text[:80]}...")
-    print(f"time: retrieval {res.retrieval_s * 1e3:.0f} ms, LM {res.lm_s * 1e3:.0f} ms, "
-          f"total {res.total_s * 1e3:.0f} ms")
-    if "spec_accuracy" in res.stats:
-        s = res.stats
-        print(f"speculation: accuracy {s['spec_accuracy']:.2f}, {s['rounds']} verifications, "
-              f"mean stride {s['mean_stride']:.1f}, {s['rollbacks']} rollbacks")
-    return 0
+    head = f"passages ({retriever or 'no retrieval'}, {res.retrievals} retrievals):"
+    return _report(res, args.json, {"answer": res.text, "passages": [
+        {"id": p, "title": engine.docs.get(p).title} for p in used]}, [f"answer: {res.text}", head] + [
+        f"  [{p}] {engine.docs.get(p).title or '(untitled)'}: {engine.docs.get(p).text[:80]}..." for p in used],
+        "retrieval", ("rounds", "verifications"))
 
 
 def _knn(args: argparse.Namespace) -> int:
@@ -75,16 +68,24 @@ def _knn(args: argparse.Namespace) -> int:
     req.validate()  # before loading anything
     knn = open_knnlm(GatewaySettings.from_env(profile=args.profile, model=args.model))
     res = knn.speculate(args.prompt, req, PRESETS[args.speculate]) if args.speculate else knn.generate(args.prompt, req)
-    if args.json:
-        print(json.dumps({"text": res.text, "tokens": res.tokens, "retrieval_s": res.retrieval_s, "lm_s": res.lm_s,
+    return _report(res, args.json, {"text": res.text}, [f"{args.prompt}{res.text}"],
+                   f"{len(res.tokens)} tokens, datastore search", ("retrieval_calls", "searches"))
+
+
+def _report(res: RalmResult, as_json: bool, fields: dict, lines: list[str], retrieval: str,
+            calls: tuple[str, str]) -> int:
+    """Print a generation: one JSON object (`fields`, tokens, times, stats), or `lines`, the time split and,
+    when it speculated, the speculation stats; `calls` = (stats key, what it counts) for the verification count."""
+    if as_json:
+        print(json.dumps({**fields, "tokens": res.tokens, "retrieval_s": res.retrieval_s, "lm_s": res.lm_s,
                           "total_s": res.total_s, "stats": res.stats}))
         return 0
-    print(f"{args.prompt}{res.text}")
-    print(f"time: {len(res.tokens)} tokens, datastore search {res.retrieval_s * 1e3:.0f} ms, "
-          f"LM {res.lm_s * 1e3:.0f} ms, total {res.total_s * 1e3:.0f} ms")
+    print("\n".join(lines))
+    print(f"time: {retrieval} {res.retrieval_s * 1e3:.0f} ms, LM {res.lm_s * 1e3:.0f} ms, "
+          f"total {res.total_s * 1e3:.0f} ms")
     if "spec_accuracy" in res.stats:
         s = res.stats
-        print(f"speculation: accuracy {s['spec_accuracy']:.2f}, {s['retrieval_calls']} searches, "
+        print(f"speculation: accuracy {s['spec_accuracy']:.2f}, {s[calls[0]]} {calls[1]}, "
               f"mean stride {s['mean_stride']:.1f}, {s['rollbacks']} rollbacks")
     return 0
 

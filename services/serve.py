@@ -9,7 +9,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from services.common.transport import StreamClient
 from services.datastore.proposers import LocalDrafts
 from services.gateway.settings import GatewaySettings
 from services.retriever.retriever import RETRIEVERS, Retriever
+
+if TYPE_CHECKING:
+    from services.datastore.knn_datastore import KnnDatastore
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,17 @@ def _drafts(engine: GatewaySettings) -> LocalDrafts:
 
     path = engine.layout.rest_datastore(engine.model)
     return LocalDrafts(RestDatastore.load(path) if path.exists() else None)
+
+
+def _knn(engine: GatewaySettings, indexes: Sequence[str]) -> KnnDatastore | None:
+    """KNN-LM's datastore when built (`ralmspec assets`), with the given indexes (none: keys, values, texts)."""
+    from services.datastore.knn_datastore import KnnDatastore
+
+    folder = engine.layout.knn_datastore(engine.model)
+    if not (folder / "meta.json").exists():
+        log.info("no KNN-LM datastore at %s: KNN-LM requests will be refused", folder)
+        return None
+    return KnnDatastore.load(folder, indexes)
 
 
 def _closer(*pools: ThreadPoolExecutor) -> Callable[[], Awaitable[None]]:
@@ -63,7 +77,7 @@ async def serve_lm(engine: GatewaySettings, s: ServeSettings) -> None:
 async def serve_retriever(engine: GatewaySettings, s: ServeSettings, names: Sequence[str]) -> None:
     from services.retriever.service import retriever_service
 
-    service, pool = retriever_service(_retrievers(engine, names))
+    service, pool = retriever_service(_retrievers(engine, names), knn=_knn(engine, ("exact", "approx")))
     await serve(service, s, on_close=_closer(pool))
 
 
@@ -71,7 +85,8 @@ async def serve_datastore(engine: GatewaySettings, s: ServeSettings, names: Sequ
     from services.common.contracts import DATASTORE
     from services.datastore.service import datastore_service
 
-    service, pool = datastore_service(_retrievers(engine, names), s.own_stream(DATASTORE), _drafts(engine))
+    service, pool = datastore_service(_retrievers(engine, names), s.own_stream(DATASTORE), _drafts(engine),
+                                      knn=_knn(engine, ()))
     await serve(service, s, pinned=True, on_close=_closer(pool))
 
 
@@ -88,9 +103,10 @@ async def serve_verifier(engine: GatewaySettings, s: ServeSettings) -> None:
 
 async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequence[str], preset: str) -> None:
     from services.gateway.controller import Controller
+    from services.gateway.knnlm import KnnLmEngine
     from services.gateway.ralm import RalmEngine
     from services.gateway.ralmspec import PRESETS
-    from services.gateway.remote import Bridge, remote_backends
+    from services.gateway.remote import Bridge, RemoteLm, remote_backends, remote_knn_backends
     from services.gateway.service import gateway_service
     from services.lm.model import load_tokenizer
     from services.retriever.docstore import DocStore
@@ -100,8 +116,12 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
     tok, max_positions = load_tokenizer(engine.model, engine.layout.models)
     client = await StreamClient(s.redis_url, name=f"gateway-{s.replica}", maxlen=s.maxlen).start()
     bridge = Bridge(client, asyncio.get_running_loop(), s.call_timeout_s)
-    ralm = RalmEngine(tok, max_positions, DocStore.load(engine.layout.passages), remote_backends(bridge, names))
-    controller = Controller(ralm, verify_workers=max(4, s.concurrency))
+    backends = remote_backends(bridge, names)
+    ralm = RalmEngine(tok, max_positions, DocStore.load(engine.layout.passages), backends)
+    assert isinstance(backends.lm, RemoteLm)
+    workers = max(4, s.concurrency)
+    knn = KnnLmEngine(tok, remote_knn_backends(bridge, backends.lm), ralm.stop_sets, verify_workers=workers)
+    controller = Controller(ralm, verify_workers=workers, knn=knn)
 
     async def close() -> None:
         await client.close()

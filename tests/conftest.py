@@ -33,6 +33,22 @@ def engine(settings):
 
 
 @pytest.fixture(scope="session")
+def knn_ds(settings):
+    """The tiny profile's KNN-LM datastore, both indexes."""
+    from services.datastore.knn_datastore import KnnDatastore
+
+    return KnnDatastore.load(settings.layout.knn_datastore(settings.model))
+
+
+@pytest.fixture(scope="session")
+def knn(engine, knn_ds):
+    """KNN-LM in process, on the shared engine's LM."""
+    from services.gateway.knnlm import KnnLmEngine, local_knn_backends
+
+    return KnnLmEngine(engine.tok, local_knn_backends(engine.backends.lm, knn_ds), stops=engine.stop_sets)
+
+
+@pytest.fixture(scope="session")
 def questions(layout):
     from services.retriever.corpus import read_questions
 
@@ -40,9 +56,19 @@ def questions(layout):
 
 
 @pytest.fixture
-def near_ties():
-    """Append a description of every accepted near-tie; they are printed in the summary."""
-    return NEAR_TIES
+def same_tokens():
+    """`same_tokens(want, got, label)`: assert that `got` (anything with `.tokens` and `.gaps`) emitted `want`'s
+    tokens, or first differs at a certified near-tie, which is recorded for the summary; True when identical."""
+    from services.common.equivalence import compare
+
+    def check(want, got, label: str) -> bool:
+        v = compare(want.tokens, want.gaps, got.tokens, got.gaps)
+        assert v.ok, f"{label}: tokens differ at {v.position} (top-2 gap {v.gap})"
+        if not v.identical:
+            NEAR_TIES.append(f"{label}: position {v.position}, gap {v.gap:.2e}")
+        return v.identical
+
+    return check
 
 
 def pytest_terminal_summary(terminalreporter):

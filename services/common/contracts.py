@@ -18,6 +18,7 @@ LM = ServiceDef.of(
     "ralmspec.v1.LmService", "ralmspec:lm",
     Operation("OpenSession", lm.OpenSessionRequest, lm.OpenSessionReply),
     Operation("Step", lm.StepRequest, lm.StepReply),
+    Operation("State", lm.StateRequest, lm.StateReply),
     Operation("CloseSession", lm.CloseSessionRequest, lm.CloseSessionReply),
 )
 RETRIEVER = ServiceDef.of(
@@ -25,10 +26,12 @@ RETRIEVER = ServiceDef.of(
     Operation("Embed", rt.EmbedRequest, rt.EmbedReply),
     Operation("Search", rt.SearchRequest, rt.SearchReply),
     Operation("Score", rt.ScoreRequest, rt.ScoreReply),
+    Operation("SearchKnn", rt.SearchKnnRequest, rt.SearchKnnReply),
 )
 VERIFIER = ServiceDef.of(
     "ralmspec.v1.VerifierService", "ralmspec:verifier",
     Operation("Verify", vf.VerifyRequest, vf.VerifyReply),
+    Operation("VerifyKnn", vf.VerifyKnnRequest, vf.VerifyKnnReply),
 )
 DATASTORE = ServiceDef.of(
     "ralmspec.v1.DatastoreService", "ralmspec:datastore",
@@ -37,6 +40,9 @@ DATASTORE = ServiceDef.of(
     Operation("Lookup", ds.LookupRequest, ds.LookupReply),
     Operation("CloseCache", ds.CloseCacheRequest, ds.CloseCacheReply),
     Operation("Propose", ds.ProposeRequest, ds.ProposeReply),
+    Operation("OpenKnnCache", ds.OpenKnnCacheRequest, ds.OpenCacheReply),
+    Operation("InsertKnn", ds.InsertKnnRequest, ds.InsertReply),
+    Operation("LookupKnn", ds.LookupKnnRequest, ds.LookupKnnReply),
 )
 GATEWAY = ServiceDef.of(
     "ralmspec.v1.GatewayService", "ralmspec:gateway",

@@ -4,6 +4,7 @@ Near-ties are counted and reported, never silently allowed."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,5 +29,7 @@ def compare(ref: Sequence[int], ref_gaps: Sequence[float], other: Sequence[int],
         return Verdict(True)
     i = next((j for j, (a, b) in enumerate(zip(ref, other)) if a != b), min(len(ref), len(other)))
     gaps = [g[i] for g in (ref_gaps, other_gaps) if i < len(g)]
+    if any(math.isnan(g) for g in gaps):  # a sampled position certifies nothing: a flip there is not float noise
+        return Verdict(False, False, i, math.nan)
     gap = min(gaps) if gaps else None
     return Verdict(False, gap is not None and gap < tol, i, gap)

@@ -10,6 +10,7 @@ from ralmspec.v1 import common_pb2, lm_pb2
 
 from services.common.errors import InvalidRequest
 from services.datastore.draft_tree import DraftTree
+from services.datastore.knn_datastore import Neighbours
 from services.lm.sampling import SamplingParams
 from services.retriever.retriever import QueryKey
 from services.retriever.types import Hit
@@ -57,6 +58,45 @@ def checked_key(key: common_pb2.QueryKey, dim: int | None) -> QueryKey:
     if not np.isfinite(vec).all():
         raise InvalidRequest("the dense query key holds NaN or infinite values")
     return vec
+
+
+def vector_bytes(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()
+
+
+def vector_from_bytes(data: bytes, dim: int | None, what: str) -> np.ndarray:
+    """A float32 vector off the wire, validated (dim None: any length); `what` names it in the error."""
+    if len(data) % 4 or not data or (dim is not None and len(data) != 4 * dim):
+        want = f"{dim} float32 values ({4 * dim} bytes)" if dim is not None else "float32 values"
+        raise InvalidRequest(f"{what} must be {want}, got {len(data)} bytes")
+    v = np.frombuffer(data, dtype="<f4").astype(np.float32)
+    if not np.isfinite(v).all():
+        raise InvalidRequest(f"{what} holds NaN or infinite values")
+    return v
+
+
+KNN_INDEXES = {common_pb2.KNN_INDEX_UNSPECIFIED: "exact", common_pb2.KNN_INDEX_EXACT: "exact",
+               common_pb2.KNN_INDEX_APPROX: "approx"}
+
+
+def knn_index_name(index: int) -> str:
+    if index not in KNN_INDEXES:
+        raise InvalidRequest(f"unknown KNN index {index}; use EXACT (1) or APPROX (2)")
+    return KNN_INDEXES[index]  # type: ignore[index]  # an int from the wire
+
+
+def knn_index(name: str) -> common_pb2.KnnIndex:
+    return common_pb2.KNN_INDEX_APPROX if name == "approx" else common_pb2.KNN_INDEX_EXACT
+
+
+def neighbours_to_proto(n: Neighbours) -> common_pb2.Neighbours:
+    return common_pb2.Neighbours(distances=n.dists.tolist(), entry_ids=n.ids.tolist(), tokens=n.tokens.tolist())
+
+
+def neighbours_from_proto(n: common_pb2.Neighbours) -> Neighbours:
+    # distances travel as proto floats: float32 exactly, so both runtimes mix the same numbers
+    return Neighbours(np.array(n.distances, dtype=np.float32), np.array(n.entry_ids, dtype=np.int64),
+                      np.array(n.tokens, dtype=np.int64))
 
 
 def hits_to_proto(row: Iterable[Hit]) -> common_pb2.HitList:

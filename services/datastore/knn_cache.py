@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from services.common.errors import InvalidRequest
-from services.datastore.knn_datastore import U32, KnnDatastore, exact_distances, rank
+from services.datastore.knn_datastore import U32, KnnDatastore, Neighbours, exact_distances, rank
 
 
 class KnnCache:
@@ -57,6 +57,18 @@ class KnnCache:
         keys[~have] = self.datastore.gather(live[~have])  # keys read once, when an entry enters the cache
         self._ids, self._keys = live, keys
         return added
+
+    def insert_after(self, ids: np.ndarray, n: int) -> int:
+        """One generation: the n entries that follow each of `ids` in its text (RaLMSpec's prefetch for KNN-LM:
+        the next token's neighbours are mostly the successors of this token's)."""
+        return self.insert(self.datastore.successors(ids, n))
+
+    def neighbours(self, query: np.ndarray, k: int) -> Neighbours:
+        """`lookup`, with each entry's token."""
+        return self.datastore.with_tokens(*self.lookup(query, k))
+
+    def close(self) -> None:
+        self.clear()
 
     def lookup(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """query [d] float32 -> (squared L2 distances [k'] float32 ascending, entry ids [k'] int64), the exact

@@ -45,6 +45,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,15 @@ def exact_distances(rows: np.ndarray, query: np.ndarray) -> np.ndarray:
 def rank(dists: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     """Positions of the k best (distance ascending, then entry id) among candidates."""
     return np.lexsort((ids, dists))[:k]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """One query's nearest datastore entries, as KNN-LM consumes them (search, cache lookup and the wire)."""
+
+    dists: np.ndarray  # [m] float32 squared L2 distances, ascending (ties by entry id)
+    ids: np.ndarray  # [m] int64 entry ids (-1: padding, fewer than k entries)
+    tokens: np.ndarray  # [m] int64 the token that followed each entry's context (its value; -1 for padding)
 
 
 class KnnDatastore:
@@ -179,6 +189,14 @@ class KnnDatastore:
             self.retries += len(retry)
             todo, want = np.array(retry, dtype=np.int64), min(self.size, want * 4)
         return out_d, out_i
+
+    def neighbours(self, queries: np.ndarray, k: int, index: str = "exact") -> list[Neighbours]:
+        """`search`, one `Neighbours` per query row, with each entry's token."""
+        dists, ids = self.search(queries, k, index)
+        return [self.with_tokens(d, i) for d, i in zip(dists, ids)]
+
+    def with_tokens(self, dists: np.ndarray, ids: np.ndarray) -> Neighbours:
+        return Neighbours(dists, ids, np.where(ids >= 0, self.values[np.maximum(ids, 0)], -1).astype(np.int64))
 
     def _certified(self, kth: float, faiss_last: float, query: np.ndarray) -> bool:
         """True when no entry FAISS left out can beat the k-th re-scored distance. FAISS's float32 distance (either

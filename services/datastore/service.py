@@ -1,4 +1,5 @@
-"""Datastore service: per-request speculation caches behind the DatastoreService contract.
+"""Datastore service: per-request speculation caches behind the DatastoreService contract (RaLM's passage caches
+and KNN-LM's entry caches), and REST's drafts.
 
 A cache scores with the retriever's own `score` (dense: float64 inner product with the index's rows; sparse:
 Lucene's BM25 from the index statistics), so this replica opens the retrievers' scoring data. Caches are
@@ -13,24 +14,40 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import datastore_pb2 as pb
 
 from services.common.contracts import DATASTORE
-from services.common.errors import InvalidRequest, NotFound, Overloaded
+from services.common.errors import InvalidRequest, NotFound, Overloaded, Unavailable
 from services.common.ops import ServiceDef
-from services.common.wire import checked_key, hits_to_proto, retriever_name, tree_to_proto
+from services.common.wire import (
+    checked_key,
+    hits_to_proto,
+    neighbours_to_proto,
+    retriever_name,
+    tree_to_proto,
+    vector_from_bytes,
+)
+from services.datastore.knn_cache import KnnCache
 from services.datastore.proposers import LocalDrafts
 from services.datastore.speculation_cache import SpeculationCache
+from services.lm.knnlm import KnnLmConfig
 from services.retriever.retriever import Retriever
 from services.retriever.service import check_pids, pick
+
+if TYPE_CHECKING:
+    from services.datastore.knn_datastore import KnnDatastore
+
+C = TypeVar("C", SpeculationCache, KnnCache)
 
 
 @dataclass
 class _Entry:
-    cache: SpeculationCache
-    retriever: Retriever
+    cache: SpeculationCache | KnnCache
+    retriever: Retriever | None  # what a passage cache scores with (None: a KNN-LM cache)
     used: float
 
 
@@ -42,22 +59,35 @@ class CacheTable:
         self.entries: dict[str, _Entry] = {}
 
     def open(self, kind: int) -> str:
+        ret = pick(self.retrievers, kind)
+        return self._add(_Entry(SpeculationCache(ret.score), ret, time.monotonic()))
+
+    def open_knn(self, ds: KnnDatastore | None) -> str:
+        if ds is None:
+            raise Unavailable("this replica has no KNN-LM datastore (build it with `ralmspec assets`)")
+        return self._add(_Entry(KnnCache(ds), None, time.monotonic()))
+
+    def _add(self, entry: _Entry) -> str:
         self.expire()
         if len(self.entries) >= self.max_caches:
             raise Overloaded(f"this datastore replica holds {self.max_caches} caches already; retry later")
-        ret = pick(self.retrievers, kind)
         cid = uuid.uuid4().hex
-        self.entries[cid] = _Entry(SpeculationCache(ret.score), ret, time.monotonic())
+        self.entries[cid] = entry
         return cid
 
-    def get(self, cid: str) -> _Entry:
+    def get(self, cid: str, kind: type[C]) -> tuple[C, _Entry]:
+        """The cache `cid` (which must be a `kind` cache) and its entry."""
         if not cid:
-            raise InvalidRequest("cache_id is empty: call OpenCache first")
+            raise InvalidRequest("cache_id is empty: call OpenCache (or OpenKnnCache) first")
         e = self.entries.get(cid)
         if e is None:
             raise NotFound(f"no speculation cache {cid!r} on this replica (closed, expired or opened elsewhere)")
+        if not isinstance(e.cache, kind):
+            opened, used = ("OpenKnnCache", "Insert/Lookup") if kind is SpeculationCache else (
+                "OpenCache", "InsertKnn/LookupKnn")
+            raise InvalidRequest(f"cache {cid!r} was opened by {opened}: it does not serve {used}")
         e.used = time.monotonic()
-        return e
+        return e.cache, e
 
     def close(self, cid: str) -> bool:
         return self.entries.pop(cid, None) is not None
@@ -72,7 +102,7 @@ SOURCES = {cpb.DRAFT_SOURCE_REST: "rest", cpb.DRAFT_SOURCE_PROMPT: "prompt", cpb
 
 
 def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, drafts: LocalDrafts,
-                      threads: int = 2) -> tuple[ServiceDef, ThreadPoolExecutor]:
+                      threads: int = 2, knn: KnnDatastore | None = None) -> tuple[ServiceDef, ThreadPoolExecutor]:
     table = CacheTable(retrievers)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="datastore")
 
@@ -81,17 +111,19 @@ def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, 
         return pb.OpenCacheReply(cache_id=table.open(req.retriever), replica_stream=replica_stream)
 
     async def insert(req: pb.InsertRequest) -> pb.InsertReply:
-        e = table.get(req.cache_id)
-        added = e.cache.insert(check_pids(e.retriever, [p for p in req.passage_ids if p >= 0]))
-        return pb.InsertReply(added=added, size=len(e.cache))
+        cache, e = table.get(req.cache_id, SpeculationCache)
+        assert e.retriever is not None
+        added = cache.insert(check_pids(e.retriever, [p for p in req.passage_ids if p >= 0]))
+        return pb.InsertReply(added=added, size=len(cache))
 
     async def lookup(req: pb.LookupRequest) -> pb.LookupReply:
-        e = table.get(req.cache_id)
+        cache, e = table.get(req.cache_id, SpeculationCache)
+        assert e.retriever is not None
         key = checked_key(req.key, e.retriever.dim)
         k = req.k or 1
         if k < 0:
             raise InvalidRequest(f"k must be positive, got {k}")
-        hits = await asyncio.get_running_loop().run_in_executor(pool, e.cache.lookup, key, k)
+        hits = await asyncio.get_running_loop().run_in_executor(pool, cache.lookup, key, k)
         return pb.LookupReply(hits=hits_to_proto(hits).hits)
 
     async def close_cache(req: pb.CloseCacheRequest) -> pb.CloseCacheReply:
@@ -109,6 +141,25 @@ def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, 
             pool, drafts.propose, SOURCES[req.source], context, req.budget)
         return pb.ProposeReply(tree=tree_to_proto(tree))
 
+    async def open_knn_cache(req: pb.OpenKnnCacheRequest) -> pb.OpenCacheReply:
+        return pb.OpenCacheReply(cache_id=table.open_knn(knn), replica_stream=replica_stream)
+
+    async def insert_knn(req: pb.InsertKnnRequest) -> pb.InsertReply:
+        cache, _ = table.get(req.cache_id, KnnCache)
+        if not 1 <= req.successors <= 64:
+            raise InvalidRequest(f"successors must be in 1..64, got {req.successors}")
+        ids = np.array(req.entry_ids, dtype=np.int64)  # -1s are ignored, ids past the datastore: INVALID_ARGUMENT
+        added = await asyncio.get_running_loop().run_in_executor(pool, cache.insert_after, ids, req.successors)
+        return pb.InsertReply(added=added, size=len(cache))
+
+    async def lookup_knn(req: pb.LookupKnnRequest) -> pb.LookupKnnReply:
+        cache, _ = table.get(req.cache_id, KnnCache)
+        query = vector_from_bytes(req.query, cache.datastore.dim, "a KNN query (an LM hidden state)")
+        KnnLmConfig(k=req.k).validate()
+        found = await asyncio.get_running_loop().run_in_executor(pool, cache.neighbours, query, req.k)
+        return pb.LookupKnnReply(neighbours=neighbours_to_proto(found))
+
     return DATASTORE.bind(OpenCache=open_cache, Insert=insert, Lookup=lookup, CloseCache=close_cache,
-                          Propose=propose), pool
+                          Propose=propose, OpenKnnCache=open_knn_cache, InsertKnn=insert_knn,
+                          LookupKnn=lookup_knn), pool
 

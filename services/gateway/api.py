@@ -8,11 +8,13 @@ from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
 
 from services.common.errors import InvalidRequest
-from services.common.wire import retriever_name
+from services.common.wire import knn_index_name, retriever_name
 from services.gateway.controller import Request
+from services.gateway.knnlm import KnnRequest
 from services.gateway.prompts import qa_prompt
 from services.gateway.ralm import RalmConfig, RalmResult
 from services.gateway.ralmspec import PRESETS, SpecConfig
+from services.lm.knnlm import KnnLmConfig
 from services.retriever.docstore import DocStore
 from services.verifier.verification import NO_DOC
 
@@ -69,7 +71,26 @@ def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA
         spec = replace(default_spec, **{f: getattr(s, f) for f in ("stride", "prefetch", "prefetch_k", "os3",
                                                                    "asynchronous") if s.HasField(f)})
         spec.validate()
-    return Request(prompt, cfg, retriever_name(req.retriever), spec)
+    knn = _knn(req, cfg) if req.HasField("knn") else None
+    return Request(prompt, cfg, retriever_name(req.retriever), spec, knn)
+
+
+def _knn(req: pb.GenerateRequest, cfg: RalmConfig) -> KnnRequest:
+    """A KNN-LM request: passage retrieval's settings do not apply, and are refused rather than ignored."""
+    passage_only = [f for f in ("retrieval_stride", "query_tokens", "draft_budget") if req.HasField(f)]
+    passage_only += ["retriever"] * (req.retriever != cpb.RETRIEVER_KIND_UNSPECIFIED)
+    passage_only += ["draft"] * (req.draft not in (cpb.DRAFT_SOURCE_UNSPECIFIED, cpb.DRAFT_SOURCE_NONE))
+    if passage_only:
+        raise InvalidRequest(f"{', '.join(passage_only)} do not apply to KNN-LM (it retrieves datastore entries at "
+                             "every token, not passages): leave them unset")
+    k = req.knn
+    default = KnnLmConfig()
+    out = KnnRequest(max_new_tokens=cfg.max_new_tokens, stop_at_newline=cfg.stop_at_newline, knn=KnnLmConfig(
+        k=k.k if k.HasField("k") else default.k, lam=k.lam if k.HasField("lam") else default.lam,
+        temperature=k.temperature if k.HasField("temperature") else default.temperature,
+        index=knn_index_name(k.index)), successors=k.successors if k.HasField("successors") else 10)
+    out.validate()
+    return out
 
 
 def to_reply(res: RalmResult, docs: DocStore) -> pb.GenerateReply:

@@ -70,7 +70,7 @@ class Backends:
     drafts: DraftBackend | None = None  # REST / prompt-lookup drafting (None: no datastore loaded)
 
 
-def drafted_greedy(backends: Backends, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, draft: str,
+def drafted_decode(backends: Backends, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, draft: str,
                    budget: int, sampling: SamplingParams | None = None) -> Emitted:
     """Up to n tokens after `seq` by REST: draft a tree, verify it in one LM forward, re-draft after each step
     (the context grew), until n tokens or a stop token. Greedy tokens (the same as plain greedy decoding), or with

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.errors import Unavailable
+from services.gateway.knnlm import KnnLmEngine, KnnRequest
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
 from services.gateway.ralmspec import SpecConfig, SpeculativeRalm
 
@@ -18,14 +20,21 @@ class Request:
     cfg: RalmConfig  # cfg.mode: paper | kv-reuse (the baseline, or what speculation must reproduce)
     retriever: str = "exact"
     spec: SpecConfig | None = None  # None: the baseline in cfg.mode; else RaLMSpec with these switches
+    knn: KnnRequest | None = None  # KNN-LM (token-level retrieval) instead of passage retrieval
 
 
 class Controller:
-    def __init__(self, engine: RalmEngine, verify_workers: int = 4) -> None:
-        self.engine = engine
+    def __init__(self, engine: RalmEngine, verify_workers: int = 4, knn: KnnLmEngine | None = None) -> None:
+        self.engine, self.knn = engine, knn
         self.spec = SpeculativeRalm(engine, verify_workers)
 
     def run(self, req: Request, emit: Emit | None = None) -> RalmResult:
+        if req.knn is not None:
+            if self.knn is None:
+                raise Unavailable("this gateway serves no KNN-LM (it has no KNN datastore)")
+            if req.spec is None:
+                return self.knn.generate(req.prompt, req.knn, emit)
+            return self.knn.speculate(req.prompt, req.knn, req.spec, emit)
         if req.spec is None:
             return self.engine.generate(req.prompt, req.cfg, req.retriever, emit=emit)
         return self.spec.generate(req.prompt, req.cfg, req.spec, req.retriever, emit=emit)

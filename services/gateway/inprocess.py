@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from services.datastore.rest_datastore import RestDatastore
 from services.gateway.backends import local_backends
-from services.gateway.knnlm import KnnLmEngine, LocalKnnLm
+from services.gateway.knnlm import KnnLmEngine, local_knn_backends
 from services.gateway.ralm import RalmEngine
 from services.gateway.settings import GatewaySettings
 from services.lm.engine import LmEngine
@@ -16,6 +17,9 @@ from services.lm.model import load
 from services.retriever.docstore import DocStore
 from services.retriever.encoder import Encoder
 from services.retriever.retriever import RETRIEVERS, Retriever, open_retriever
+
+if TYPE_CHECKING:
+    from services.datastore.knn_datastore import KnnDatastore
 
 
 def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVERS) -> RalmEngine:
@@ -37,12 +41,18 @@ def open_lm(settings: GatewaySettings) -> LmEngine:
     return LmEngine(load(settings.model, settings.layout.models, settings.device, settings.dtype))
 
 
-def open_knnlm(settings: GatewaySettings, lm: LmEngine | None = None, nprobe: int = 32) -> KnnLmEngine:
-    """KNN-LM over the profile's datastore (both indexes), on `lm` or a newly loaded model."""
+def open_knn_datastore(settings: GatewaySettings, nprobe: int = 32) -> KnnDatastore:
+    """The profile's KNN-LM datastore, both indexes (`ralmspec assets` builds it)."""
     from services.datastore.knn_datastore import KnnDatastore
 
-    lm = lm or open_lm(settings)
     ds = KnnDatastore.load(settings.layout.knn_datastore(settings.model), nprobe=nprobe)
     if settings.threads > 0:  # after FAISS is up: they share one OpenMP runtime (see open_engine)
         torch.set_num_threads(settings.threads)
-    return KnnLmEngine(lm.lm.tokenizer, LocalKnnLm(lm), ds, stops=lm.stops)
+    return ds
+
+
+def open_knnlm(settings: GatewaySettings, lm: LmEngine | None = None, ds: KnnDatastore | None = None) -> KnnLmEngine:
+    """KNN-LM over the profile's datastore, on `lm` (or a newly loaded model) and `ds` (or the profile's)."""
+    lm = lm or open_lm(settings)
+    ds = ds or open_knn_datastore(settings)
+    return KnnLmEngine(lm.lm.tokenizer, local_knn_backends(lm, ds), stops=lm.stops)

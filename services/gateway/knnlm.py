@@ -18,7 +18,7 @@ without it only the next entry (n = 1).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -26,16 +26,15 @@ import numpy as np
 import torch
 
 from services.common.errors import InvalidRequest
+from services.datastore.knn_datastore import KnnDatastore, Neighbours
 from services.gateway.ralm import Emit, RalmResult
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
-from services.lm.engine import LmEngine, StopSets
+from services.lm.engine import StopSets
 from services.lm.knnlm import KnnLmConfig, next_token
-
-Neighbours = tuple[np.ndarray, np.ndarray]  # (squared L2 distances [m] float32 ascending, entry ids [m] int64)
 
 
 class KnnLmBackend(Protocol):
-    """The LM as KNN-LM needs it: the final hidden state and the logits after a sequence."""
+    """The LM as KNN-LM needs it (`LmEngine` in process, `RemoteLm` over the LM service)."""
 
     def open(self) -> str: ...
 
@@ -46,37 +45,36 @@ class KnnLmBackend(Protocol):
     def close(self, sid: str) -> bool: ...
 
 
-class Datastore(Protocol):
-    values: np.ndarray  # [N] the token that followed each entry's context
-
-    def search(self, queries: np.ndarray, k: int, index: str = "exact") -> tuple[np.ndarray, np.ndarray]: ...
-
-    def successors(self, ids: np.ndarray, n: int) -> np.ndarray: ...
+class KnnSearch(Protocol):
+    def neighbours(self, queries: np.ndarray, k: int, index: str = "exact") -> list[Neighbours]:
+        """The true k nearest entries of each row of queries [q, d] float32, in one batched search."""
+        ...
 
 
-class Cache(Protocol):
-    def insert(self, ids: np.ndarray) -> int: ...
+class KnnCache(Protocol):
+    """One request's speculation cache (`services/datastore/knn_cache.py`, here or in the datastore service)."""
 
-    def lookup(self, query: np.ndarray, k: int) -> Neighbours: ...
+    def insert_after(self, ids: np.ndarray, n: int) -> int: ...
+
+    def neighbours(self, query: np.ndarray, k: int) -> Neighbours: ...
 
     def __len__(self) -> int: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass
-class LocalKnnLm:
-    """In-process KnnLmBackend over an LmEngine's sessions."""
+class KnnBackends:
+    lm: KnnLmBackend
+    search: KnnSearch  # the baseline's per-token searches
+    verifier: KnnSearch  # speculation's batched verifications (and its plain steps)
+    caches: Callable[[], KnnCache]  # a new per-request cache
 
-    engine: LmEngine
 
-    def open(self) -> str:
-        return self.engine.open()
+def local_knn_backends(lm: KnnLmBackend, datastore: KnnDatastore) -> KnnBackends:
+    from services.datastore.knn_cache import KnnCache as LocalCache
 
-    def state(self, sid: str, seq: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
-        hidden, logits = self.engine.session(sid).state_after(seq)
-        return hidden.numpy(), logits
-
-    def close(self, sid: str) -> bool:
-        return self.engine.close(sid)
+    return KnnBackends(lm, datastore, datastore, lambda: LocalCache(datastore))
 
 
 @dataclass(frozen=True)
@@ -90,8 +88,8 @@ class KnnRequest:
         self.knn.validate()
         if self.max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.successors <= 0:
-            raise InvalidRequest(f"successors must be positive, got {self.successors}")
+        if not 1 <= self.successors <= 64:
+            raise InvalidRequest(f"successors must be in 1..64, got {self.successors}")
 
 
 @dataclass
@@ -101,16 +99,11 @@ class _Key:
 
 
 class KnnLmEngine:
-    """KNN-LM requests over one LM backend, one datastore and a per-request cache factory."""
+    """KNN-LM requests over one set of backends (in process or remote: the same tokens either way)."""
 
-    def __init__(self, tokenizer: object, lm: KnnLmBackend, datastore: Datastore, new_cache: type | None = None,
-                 stops: StopSets | None = None, verify_workers: int = 1) -> None:
-        self.tok, self.lm, self.ds = tokenizer, lm, datastore
-        if new_cache is None:
-            from services.datastore.knn_cache import KnnCache
-
-            new_cache = KnnCache
-        self.new_cache = new_cache
+    def __init__(self, tokenizer: object, backends: KnnBackends, stops: StopSets | None = None,
+                 verify_workers: int = 1) -> None:
+        self.tok, self.backends = tokenizer, backends
         self.stop_sets = stops or StopSets.of(tokenizer)
         self._pool = verification_pool(verify_workers)
 
@@ -120,45 +113,46 @@ class KnnLmEngine:
             raise InvalidRequest("the prompt is empty")
         return ids
 
-    def neighbours(self, hidden: np.ndarray, knn: KnnLmConfig) -> list[Neighbours]:
-        """The true neighbours of each row of hidden [q, d], in one batched search."""
-        dists, ids = self.ds.search(np.ascontiguousarray(hidden, dtype=np.float32), knn.k, knn.index)
-        return [(dists[i], ids[i]) for i in range(len(ids))]
+    def decode(self, tokens: Sequence[int]) -> str:
+        return str(self.tok.decode(list(tokens), skip_special_tokens=True))  # type: ignore[attr-defined]
 
-    def token(self, key: _Key, found: Neighbours | None, knn: KnnLmConfig) -> tuple[int, float]:
+    @staticmethod
+    def token(key: _Key, found: Neighbours | None, knn: KnnLmConfig) -> tuple[int, float]:
         if found is None:
             return next_token(key.logits, np.empty(0, np.float32), np.empty(0, np.int64), knn)
-        dists, ids = found
-        values = np.where(ids >= 0, self.ds.values[np.maximum(ids, 0)], -1)
-        return next_token(key.logits, dists, values, knn)
+        return next_token(key.logits, found.dists, found.tokens, knn)
 
     def _finish(self, res: RalmResult, t0: float) -> RalmResult:
-        res.text = str(self.tok.decode(res.tokens, skip_special_tokens=True))  # type: ignore[attr-defined]
+        res.text = self.decode(res.tokens)
         res.total_s = time.perf_counter() - t0
         return res
 
-    def generate(self, prompt: str, req: KnnRequest) -> RalmResult:
-        """The baseline: one real search per token."""
+    def generate(self, prompt: str, req: KnnRequest, emit: Emit | None = None) -> RalmResult:
+        """The baseline: one real search per token (`emit` gets each token as it is decided)."""
         req.validate()
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         stops = self.stop_sets.get(req.stop_at_newline)
+        lm, knn = self.backends.lm, req.knn
         res = RalmResult([], "", [], [])
-        sid = self.lm.open()
+        sid = lm.open()
         try:
             while len(res.tokens) < req.max_new_tokens and not (res.tokens and res.tokens[-1] in stops):
                 t = time.perf_counter()
-                hidden, logits = self.lm.state(sid, prompt_ids + res.tokens)
+                hidden, logits = lm.state(sid, prompt_ids + res.tokens)
                 t1 = time.perf_counter()
-                found = self.neighbours(hidden[None], req.knn)[0]
+                found = self.backends.search.neighbours(hidden[None], knn.k, knn.index)[0]
                 res.lm_s += t1 - t
                 res.retrieval_s += time.perf_counter() - t1
                 res.retrievals += 1
-                tok, gap = self.token(_Key(hidden, logits), found, req.knn)
+                res.lm_forwards += 1
+                tok, gap = self.token(_Key(hidden, logits), found, knn)
                 res.tokens.append(tok)
                 res.gaps.append(gap)
+                if emit:
+                    emit([tok])
         finally:
-            self.lm.close(sid)
+            lm.close(sid)
         return self._finish(res, t0)
 
     def speculate(self, prompt: str, req: KnnRequest, spec: SpecConfig, emit: Emit | None = None) -> RalmResult:
@@ -168,13 +162,14 @@ class KnnLmEngine:
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         res = RalmResult([], "", [], [])
-        sid = self.lm.open()
+        sid = self.backends.lm.open()
+        cache = self.backends.caches()
         try:
-            steps = _TokenSteps(self, prompt_ids, req, sid, self.new_cache(self.ds),
-                                req.successors if spec.prefetch else 1, res)
+            steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.successors if spec.prefetch else 1, res)
             out = SpeculationLoop(steps, spec, self._pool, emit=emit).run()
         finally:
-            self.lm.close(sid)
+            cache.close()
+            self.backends.lm.close(sid)
         res.tokens, res.gaps = out.tokens, out.gaps
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals
         res.stats.update(out.stats)
@@ -189,7 +184,7 @@ class _TokenSteps:
     prompt_ids: list[int]
     req: KnnRequest
     sid: str
-    cache: Cache
+    cache: KnnCache
     successors: int  # entries cached after each verified neighbour
     res: RalmResult
 
@@ -201,31 +196,33 @@ class _TokenSteps:
 
     def key(self, tokens: list[int]) -> _Key:
         t = time.perf_counter()
-        hidden, logits = self.eng.lm.state(self.sid, self.prompt_ids + tokens)
+        hidden, logits = self.eng.backends.lm.state(self.sid, self.prompt_ids + tokens)
         self.res.lm_s += time.perf_counter() - t
         self.res.lm_forwards += 1
         return _Key(hidden, logits)
 
     def guess(self, key: _Key) -> Neighbours | None:
-        return self.cache.lookup(key.hidden, self.req.knn.k) if len(self.cache) else None
+        return self.cache.neighbours(key.hidden, self.req.knn.k) if len(self.cache) else None
 
     def decode(self, key: _Key, guess: Neighbours | None, tokens: list[int]) -> tuple[list[int], list[float]]:
         tok, gap = self.eng.token(key, guess, self.req.knn)
         return [tok], [gap]
 
     def verify(self, keys: list[_Key], guesses: list[Neighbours | None]) -> list[Neighbours]:
-        return self.eng.neighbours(np.stack([k.hidden for k in keys]), self.req.knn)
-
-    def agrees(self, key: _Key, guess: Neighbours | None, truth: Neighbours) -> bool:
         knn = self.req.knn
-        return self.eng.token(key, guess, knn)[0] == self.eng.token(key, truth, knn)[0]
+        return self.eng.backends.verifier.neighbours(np.stack([k.hidden for k in keys]), knn.k, knn.index)
+
+    def agrees(self, key: _Key, guess: Neighbours | None, truth: Neighbours, emitted: list[int] | None) -> bool:
+        # the paper's relaxed rule: the guessed neighbours may differ as long as they emit the same token
+        knn = self.req.knn
+        mine = emitted[0] if emitted else self.eng.token(key, guess, knn)[0]
+        return mine == self.eng.token(key, truth, knn)[0]
 
     def correct(self, truth: Neighbours) -> Neighbours:
         return truth
 
     def remember(self, truths: list[Neighbours]) -> None:
-        ids = np.concatenate([ids for _, ids in truths])
-        self.cache.insert(self.eng.ds.successors(ids, self.successors))
+        self.cache.insert_after(np.concatenate([t.ids for t in truths]), self.successors)
 
     def cache_size(self) -> int:
         return len(self.cache)

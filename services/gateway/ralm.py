@@ -20,7 +20,7 @@ from functools import lru_cache
 from services.common.errors import InvalidRequest
 from services.common.ops import DeadlineExceeded
 from services.datastore.proposers import DRAFTS
-from services.gateway.backends import Backends, drafted_greedy
+from services.gateway.backends import Backends, drafted_decode
 from services.lm.decoder import Emitted
 from services.lm.engine import StopSets
 from services.retriever.docstore import DocStore
@@ -122,7 +122,7 @@ class RalmEngine:
         if cfg.draft == "none":
             return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
         # REST drafting, capped at this stride: the next stride may put another document in front.
-        return drafted_greedy(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget)
+        return drafted_decode(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget)
 
     def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
         text = self.decode(tokens)

@@ -63,7 +63,7 @@ class _Strides:
         return self.eng.backends.verifier.verify(self.ret.name, keys, [NO_DOC if g is None else g for g in guesses],
                                                  self.prefetch.depth)
 
-    def agrees(self, key: Any, guess: int | None, truth: list[Hit]) -> bool:
+    def agrees(self, key: Any, guess: int | None, truth: list[Hit], emitted: list[int] | None) -> bool:
         return guess == self.correct(truth)
 
     def correct(self, truth: list[Hit]) -> int:

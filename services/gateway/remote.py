@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+import numpy as np
+import torch
 from google.protobuf.message import Message
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import datastore_pb2 as dpb
@@ -26,13 +28,19 @@ from services.common.wire import (
     hits_from_proto,
     key_from_proto,
     key_to_proto,
+    knn_index,
+    neighbours_from_proto,
     retriever_kind,
     sampling_to_proto,
     tree_from_proto,
     tree_to_proto,
+    vector_bytes,
+    vector_from_bytes,
 )
 from services.datastore.draft_tree import DraftTree
+from services.datastore.knn_datastore import Neighbours
 from services.gateway.backends import Backends, Cache
+from services.gateway.knnlm import KnnBackends
 from services.lm.decoder import Emitted
 from services.lm.sampling import SamplingParams
 from services.retriever.retriever import QueryKey, Retriever
@@ -78,18 +86,27 @@ class RemoteLm:
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
              tree: DraftTree | None = None, sampling: SamplingParams | None = None) -> Emitted:
         draft = tree_to_proto(tree) if tree is not None else None
+        r = self._pinned(sid, "Step", lambda real: lpb.StepRequest(
+            session_id=real, tokens=list(seq), max_new_tokens=n, stop_at_newline=stop_at_newline,
+            reprefill=reprefill, draft=draft, **sampling_to_proto(sampling)), lpb.StepReply)
+        return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)
+
+    def state(self, sid: str, seq: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
+        r = self._pinned(sid, "State", lambda real: lpb.StateRequest(session_id=real, tokens=list(seq)),
+                         lpb.StateReply)
+        logits = torch.from_numpy(vector_from_bytes(r.logits, None, "logits"))
+        return vector_from_bytes(r.hidden, None, "hidden"), logits
+
+    def _pinned(self, sid: str, op: str, make: Callable[[str], Message], reply: type[M]) -> M:
+        """`op` on the session's replica; once more on a new session (any replica) if that replica is lost."""
         for attempt in (0, 1):
             real, stream = self.where[sid]
-            req = lpb.StepRequest(session_id=real, tokens=list(seq), max_new_tokens=n,
-                                  stop_at_newline=stop_at_newline, reprefill=reprefill, draft=draft,
-                                  **sampling_to_proto(sampling))
             try:
-                r = self.bridge.call(LM, "Step", req, lpb.StepReply, stream)
-                return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)
+                return self.bridge.call(LM, op, make(real), reply, stream)
             except LOST as e:
                 if attempt:
                     raise
-                log.warning("LM session %s on %s lost (%s); replaying the step on a new session", real, stream, e)
+                log.warning("LM session %s on %s lost (%s); replaying the %s on a new session", real, stream, e, op)
                 self.where[sid] = self._open()
         raise AssertionError("unreachable")
 
@@ -207,6 +224,77 @@ class RemoteDrafts:
     def propose(self, kind: str, context: Sequence[int], budget: int) -> DraftTree:
         req = dpb.ProposeRequest(context=list(context), source=self.SOURCES[kind], budget=budget)
         return tree_from_proto(self.bridge.call(DATASTORE, "Propose", req, dpb.ProposeReply).tree)
+
+
+class RemoteKnnSearch:
+    """KNN datastore searches on the retriever service (the baseline), or through the verifier (speculation)."""
+
+    def __init__(self, bridge: Bridge, via_verifier: bool) -> None:
+        self.bridge, self.via_verifier = bridge, via_verifier
+
+    def neighbours(self, queries: np.ndarray, k: int, index: str = "exact") -> list[Neighbours]:
+        q = [vector_bytes(row) for row in queries]
+        if self.via_verifier:
+            r: Message = self.bridge.call(VERIFIER, "VerifyKnn", vpb.VerifyKnnRequest(
+                queries=q, k=k, index=knn_index(index)), vpb.VerifyKnnReply)
+        else:
+            r = self.bridge.call(RETRIEVER, "SearchKnn", rpb.SearchKnnRequest(queries=q, k=k, index=knn_index(index)),
+                                 rpb.SearchKnnReply)
+        return [neighbours_from_proto(n) for n in r.results]  # type: ignore[attr-defined]
+
+
+class RemoteKnnCache:
+    """A KNN-LM cache pinned to a datastore replica. Its generations are kept here, so a lost replica's cache is
+    rebuilt on another one with the same content (the same guesses follow)."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.last: tuple[list[int], int] | None = None  # the live generation (max_generations = 1): ids, n
+        self.size = 0
+        self.cache_id, self.stream = self._open()
+
+    def _open(self) -> tuple[str, str]:
+        r = self.bridge.call(DATASTORE, "OpenKnnCache", dpb.OpenKnnCacheRequest(), dpb.OpenCacheReply)
+        return r.cache_id, r.replica_stream
+
+    def _call(self, op: str, make: Callable[[str], Message], reply: type[M]) -> M:
+        try:
+            return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
+        except LOST as e:
+            log.warning("KNN cache %s on %s lost (%s); rebuilding it", self.cache_id, self.stream, e)
+            self.cache_id, self.stream = self._open()
+            if self.last:
+                ids, n = self.last
+                self.bridge.call(DATASTORE, "InsertKnn", dpb.InsertKnnRequest(
+                    cache_id=self.cache_id, entry_ids=ids, successors=n), dpb.InsertReply, self.stream)
+            return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
+
+    def insert_after(self, ids: np.ndarray, n: int) -> int:
+        flat = [int(i) for i in np.asarray(ids).ravel() if i >= 0]
+        r = self._call("InsertKnn", lambda cid: dpb.InsertKnnRequest(cache_id=cid, entry_ids=flat, successors=n),
+                       dpb.InsertReply)
+        self.last, self.size = (flat, n), r.size
+        return r.added
+
+    def neighbours(self, query: np.ndarray, k: int) -> Neighbours:
+        q = vector_bytes(query)
+        r = self._call("LookupKnn", lambda cid: dpb.LookupKnnRequest(cache_id=cid, query=q, k=k), dpb.LookupKnnReply)
+        return neighbours_from_proto(r.neighbours)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        try:
+            self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id),
+                             dpb.CloseCacheReply, self.stream)
+        except LOST:
+            pass  # gone with its replica
+
+
+def remote_knn_backends(bridge: Bridge, lm: RemoteLm) -> KnnBackends:
+    return KnnBackends(lm, RemoteKnnSearch(bridge, via_verifier=False), RemoteKnnSearch(bridge, via_verifier=True),
+                       lambda: RemoteKnnCache(bridge))
 
 
 def remote_backends(bridge: Bridge, retrievers: Sequence[str]) -> Backends:

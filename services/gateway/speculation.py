@@ -83,8 +83,9 @@ class Granularity(Protocol[K, G, T]):
         """The true retrieval result of each key, in one batched call (guesses: [] or one per key)."""
         ...
 
-    def agrees(self, key: K, guess: G | None, truth: T) -> bool:
-        """Whether decoding with `guess` emits what decoding with the truth emits."""
+    def agrees(self, key: K, guess: G | None, truth: T, emitted: list[int] | None) -> bool:
+        """Whether decoding with `guess` emits what decoding with the truth emits; `emitted`: what decoding with
+        `guess` did emit (None: the guess was not decoded, as with a plain step's shadow guess)."""
         ...
 
     def correct(self, truth: T) -> G:
@@ -103,6 +104,7 @@ class Step(Generic[K, G]):
     start: int  # len(tokens) when the step began
     key: K
     guess: G | None  # what the step decoded with (a guess until verified)
+    emitted: list[int] = field(default_factory=list)  # the tokens it decoded
 
 
 @dataclass
@@ -158,8 +160,8 @@ class SpeculationLoop(Generic[K, G, T]):
 
     def decode(self, key: K, guess: G | None) -> Step[K, G]:
         res = self.res
-        step = Step(len(res.tokens), key, guess)
         tokens, gaps = self.g.decode(key, guess, res.tokens)
+        step = Step(len(res.tokens), key, guess, tokens)
         res.tokens += tokens
         res.gaps += gaps
         res.steps.append(step)
@@ -205,7 +207,7 @@ class SpeculationLoop(Generic[K, G, T]):
         truth = verdict.truths[0]
         self.g.remember([truth])
         if guess is not None:
-            self.os3.observe_round(1, int(self.g.agrees(key, guess, truth)))
+            self.os3.observe_round(1, int(self.g.agrees(key, guess, truth, None)))
         self.os3.observe_verification(verdict.seconds, 1)
         self.decode(key, self.g.correct(truth))
         if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
@@ -223,8 +225,8 @@ class SpeculationLoop(Generic[K, G, T]):
         """Apply a verification: cache the verified results, count, and return the first wrong step (already
         redone with its truth), or None when every guess was right."""
         truths = verdict.truths
-        bad = next((i for i, (st, tr) in enumerate(zip(steps, truths)) if not self.g.agrees(st.key, st.guess, tr)),
-                   None)
+        bad = next((i for i, (st, tr) in enumerate(zip(steps, truths))
+                    if not self.g.agrees(st.key, st.guess, tr, st.emitted)), None)
         verified = len(steps) if bad is None else bad + 1  # keys after a mismatch were built on a wrong guess
         self.g.remember(truths[:verified])
         self.res.retrievals += len(steps)

@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from services.common.errors import InvalidRequest, NotFound, Overloaded
 from services.lm.decoder import Emitted, Session
 from services.lm.model import LoadedLM
@@ -69,14 +72,9 @@ class LmEngine:
         """Up to n greedy tokens after `seq`, or sampled ones with `sampling` (temperature > 0). With a draft `tree`
         (`.tokens`, `.parents`), ONE forward verifies it and emits the accepted path plus the model's next token
         (REST), capped at n; sampled acceptance keeps the tokens distributed exactly as plain sampling's."""
-        if not seq:
-            raise InvalidRequest("the token sequence is empty: a step needs at least one token")
         if n <= 0:
             raise InvalidRequest(f"max_new_tokens must be positive, got {n}")
-        if min(seq) < 0 or max(seq) >= self.vocab:
-            raise InvalidRequest(f"token ids must be in 0..{self.vocab - 1}")
-        if len(seq) + n > self.lm.max_positions:
-            raise InvalidRequest(f"{len(seq)} tokens + {n} new exceed the model's {self.lm.max_positions} positions")
+        self._check(seq, n)
         if sampling is not None and sampling.validate().greedy:
             sampling = None
         stop = self.stops.get(stop_at_newline)
@@ -87,6 +85,21 @@ class LmEngine:
         if sampling is not None:
             return sample(self.session(sid), seq, n, stop, sampling, reuse=not reprefill)
         return self.session(sid).greedy(seq, n, stop, reuse=not reprefill)
+
+    def state(self, sid: str, seq: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """(hidden [d] float32, logits [vocab] float32) after `seq`: KNN-LM's datastore query (the final-norm
+        output the LM head reads) and p_LM. The session's KV cache keeps its longest common prefix with `seq`."""
+        self._check(seq, 1)  # the token this state predicts needs a position too
+        hidden, logits = self.session(sid).state_after(seq)
+        return hidden.numpy(), logits
+
+    def _check(self, seq: Sequence[int], n: int) -> None:
+        if not seq:
+            raise InvalidRequest("the token sequence is empty: a step needs at least one token")
+        if min(seq) < 0 or max(seq) >= self.vocab:
+            raise InvalidRequest(f"token ids must be in 0..{self.vocab - 1}")
+        if len(seq) + n > self.lm.max_positions:
+            raise InvalidRequest(f"{len(seq)} tokens + {n} new exceed the model's {self.lm.max_positions} positions")
 
     def close(self, sid: str) -> bool:
         with self._lock:

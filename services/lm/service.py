@@ -14,7 +14,7 @@ from ralmspec.v1 import lm_pb2 as pb
 from services.common.contracts import LM
 from services.common.errors import InvalidRequest
 from services.common.ops import ServiceDef
-from services.common.wire import sampling_from_proto, tree_from_proto
+from services.common.wire import sampling_from_proto, tree_from_proto, vector_bytes
 from services.lm.engine import LmEngine
 
 
@@ -40,7 +40,13 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Threa
             sampling)
         return pb.StepReply(tokens=e.tokens, gaps=e.gaps, stopped=e.stopped, forwards=e.forwards, fed=e.fed)
 
+    async def state(req: pb.StateRequest) -> pb.StateReply:
+        sid = _sid(req.session_id)
+        engine.session(sid)
+        hidden, logits = await asyncio.get_running_loop().run_in_executor(pool, engine.state, sid, list(req.tokens))
+        return pb.StateReply(hidden=vector_bytes(hidden), logits=vector_bytes(logits.numpy()))
+
     async def close_session(req: pb.CloseSessionRequest) -> pb.CloseSessionReply:
         return pb.CloseSessionReply(existed=engine.close(_sid(req.session_id)))
 
-    return LM.bind(OpenSession=open_session, Step=step, CloseSession=close_session), pool
+    return LM.bind(OpenSession=open_session, Step=step, State=state, CloseSession=close_session), pool

@@ -1,4 +1,5 @@
-"""Retriever service: the three retrievers behind the RetrieverService contract (stateless; scale by replicas).
+"""Retriever service: the three retrievers behind the RetrieverService contract (stateless; scale by replicas),
+and KNN-LM's datastore search (SearchKnn) when the replica opened the datastore.
 
 Index calls run on a small thread pool (FAISS and Lucene release the GIL); Lucene is reached through pyjnius,
 which attaches each pool thread to the JVM on first use.
@@ -10,16 +11,29 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
+import numpy as np
 from ralmspec.v1 import retriever_pb2 as pb
 
 from services.common.contracts import RETRIEVER
 from services.common.errors import InvalidRequest, Unavailable
 from services.common.ops import ServiceDef
-from services.common.wire import checked_key, hits_to_proto, key_to_proto, retriever_name
+from services.common.wire import (
+    checked_key,
+    hits_to_proto,
+    key_to_proto,
+    knn_index_name,
+    neighbours_to_proto,
+    retriever_name,
+    vector_from_bytes,
+)
+from services.lm.knnlm import KnnLmConfig
 from services.retriever.retriever import Retriever
 from services.retriever.types import check_search
+
+if TYPE_CHECKING:
+    from services.datastore.knn_datastore import KnnDatastore
 
 T = TypeVar("T")
 MAX_BATCH = 1024  # queries per call
@@ -46,7 +60,19 @@ def check_k(k: int) -> int:
     return k
 
 
-def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2) -> tuple[ServiceDef, ThreadPoolExecutor]:
+def knn_queries(ds: KnnDatastore | None, queries: Sequence[bytes]) -> tuple[KnnDatastore, np.ndarray]:
+    """A KNN search's queries, validated, as [q, d] float32 (and the datastore that can answer them)."""
+    if ds is None:
+        raise Unavailable("this replica has no KNN-LM datastore (build it with `ralmspec assets`)")
+    if not queries:
+        raise InvalidRequest("no queries given")
+    if len(queries) > MAX_BATCH:
+        raise InvalidRequest(f"at most {MAX_BATCH} queries per call, got {len(queries)}")
+    return ds, np.stack([vector_from_bytes(q, ds.dim, "a KNN query (an LM hidden state)") for q in queries])
+
+
+def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2,
+                      knn: KnnDatastore | None = None) -> tuple[ServiceDef, ThreadPoolExecutor]:
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="retriever")
 
     async def run(fn: Callable[[], T]) -> T:
@@ -79,4 +105,12 @@ def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2) -> 
         pids = check_pids(ret, req.passage_ids)
         return pb.ScoreReply(scores=await run(lambda: ret.score(key, pids)))
 
-    return RETRIEVER.bind(Embed=embed, Search=search, Score=score), pool
+    async def search_knn(req: pb.SearchKnnRequest) -> pb.SearchKnnReply:
+        ds, q = knn_queries(knn, req.queries)
+        cfg = KnnLmConfig(k=req.k, index=knn_index_name(req.index))
+        cfg.validate()
+        t = time.perf_counter()
+        rows = await run(lambda: ds.neighbours(q, cfg.k, cfg.index))
+        return pb.SearchKnnReply(results=[neighbours_to_proto(n) for n in rows], search_s=time.perf_counter() - t)
+
+    return RETRIEVER.bind(Embed=embed, Search=search, Score=score, SearchKnn=search_knn), pool

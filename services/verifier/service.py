@@ -1,4 +1,5 @@
-"""Verifier service: checks a round of speculation with one batched search on the retriever service.
+"""Verifier service: checks a round of speculation with one batched search on the retriever service (passages,
+or KNN-LM datastore entries).
 
 Stateless (scale by replicas). Keys pass through untouched (the retriever service validates them), so a
 verification scores exactly what speculation scored.
@@ -18,7 +19,7 @@ from services.verifier.verification import first_mismatch
 
 
 def verifier_service(retriever: StreamClient, timeout_s: float) -> ServiceDef:
-    search = RETRIEVER.ops["Search"]
+    search, search_knn = RETRIEVER.ops["Search"], RETRIEVER.ops["SearchKnn"]
 
     async def verify(req: pb.VerifyRequest) -> pb.VerifyReply:
         if not req.keys:
@@ -33,4 +34,15 @@ def verifier_service(retriever: StreamClient, timeout_s: float) -> ServiceDef:
         return pb.VerifyReply(results=reply.results, first_mismatch=-1 if bad is None else bad,
                               search_s=reply.search_s)
 
-    return VERIFIER.bind(Verify=verify)
+    async def verify_knn(req: pb.VerifyKnnRequest) -> pb.VerifyKnnReply:
+        # a pass-through batch: the datastore search validates the queries; the gateway checks the tokens (the
+        # agreement rule needs the logits it holds)
+        if not req.queries:
+            raise InvalidRequest("no queries to verify")
+        reply = await retriever.call(RETRIEVER.stream, search_knn,
+                                     rpb.SearchKnnRequest(queries=req.queries, k=req.k, index=req.index),
+                                     timeout_s=timeout_s)
+        assert isinstance(reply, rpb.SearchKnnReply)
+        return pb.VerifyKnnReply(results=reply.results, search_s=reply.search_s)
+
+    return VERIFIER.bind(Verify=verify, VerifyKnn=verify_knn)

@@ -18,3 +18,10 @@ def test_difference_with_a_clear_gap_fails():
 def test_prefix_difference_is_not_a_tie():
     v = compare([1, 2], [1.0, 1.0], [1, 2, 3], [1.0, 1.0, 1.0])
     assert not v.ok and v.position == 2
+
+
+def test_a_sampled_position_is_never_a_near_tie_whichever_side_it_is_on():
+    nan = float("nan")
+    for a, b in (([1.0, nan], [1.0, 5e-5]), ([1.0, 5e-5], [1.0, nan])):
+        v = compare([1, 2], a, [1, 3], b)
+        assert not v.ok and v.position == 1

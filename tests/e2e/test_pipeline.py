@@ -17,8 +17,16 @@ import numpy as np
 import pytest
 import redis
 from ralmspec.v1 import common_pb2 as cpb
+from ralmspec.v1 import (
+    datastore_pb2,
+    datastore_pb2_grpc,
+    gateway_pb2_grpc,
+    lm_pb2,
+    lm_pb2_grpc,
+    retriever_pb2,
+    retriever_pb2_grpc,
+)
 from ralmspec.v1 import gateway_pb2 as pb
-from ralmspec.v1 import gateway_pb2_grpc, lm_pb2, lm_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
 from services.common.contracts import LM, RETRIEVER, VERIFIER
 from services.gateway.api import to_request
@@ -52,8 +60,8 @@ def stub(channel):
 
 
 @pytest.fixture(scope="module")
-def controller(engine):
-    return Controller(engine)
+def controller(engine, knn):
+    return Controller(engine, knn=knn)
 
 
 def spec(**kw) -> pb.Speculation:
@@ -94,6 +102,34 @@ def test_distributed_tokens_equal_in_process(stub, controller, engine, questions
     assert rollbacks > 0  # speculation really guessed wrong somewhere, and the pipeline rolled back
 
 
+def knn_cases(questions) -> list[pb.GenerateRequest]:
+    """KNN-LM (token-level retrieval) through LM State, the datastore's KNN caches, the verifier and SearchKnn."""
+    prompt = f"{questions[5].question} The answer is explained below.\n"
+    sync = spec(stride=3, prefetch=False, os3=False, asynchronous=False)
+    return [
+        pb.GenerateRequest(prompt=prompt, max_new_tokens=16, mode=pb.MODE_BASELINE_KV, knn=pb.Knn()),
+        pb.GenerateRequest(prompt=prompt, max_new_tokens=16, knn=pb.Knn()),  # the gateway's default +PSA
+        pb.GenerateRequest(prompt=prompt, max_new_tokens=16, knn=pb.Knn(k=16, lam=0.5), speculation=sync),
+        pb.GenerateRequest(prompt=prompt, max_new_tokens=16, knn=pb.Knn(index=cpb.KNN_INDEX_APPROX, successors=4),
+                           speculation=spec(prefetch=True, os3=False, asynchronous=True)),
+        pb.GenerateRequest(question=questions[6].question, knn=pb.Knn(k=64, temperature=10.0)),
+    ]
+
+
+def test_distributed_knnlm_equals_in_process(stub, controller, questions):
+    rollbacks = 0
+    for req in knn_cases(questions):
+        local = controller.run(to_request(req))
+        remote = stub.Generate(req, timeout=300)
+        assert list(remote.token_ids) == local.tokens, req
+        assert remote.text == local.text and not remote.passages
+        assert remote.stats.rollbacks == local.stats.get("rollbacks", 0)
+        rollbacks += remote.stats.rollbacks
+    assert rollbacks > 0  # some guessed neighbours gave another token: the pipeline rolled back
+    stream = list(stub.GenerateStream(knn_cases(questions)[1], timeout=300))
+    assert [t for c in stream[:-1] for t in c.delta.token_ids] == list(stream[-1].done.token_ids)
+
+
 def test_generate_stream_sends_the_reply_in_verified_pieces(stub, questions):
     req = pb.GenerateRequest(prompt=f"{questions[1].question} Here is some background.\n", retriever=EXACT,
                              max_new_tokens=40, speculation=spec(asynchronous=True, os3=False, stride=3))
@@ -123,6 +159,13 @@ def test_generate_stream_sends_the_reply_in_verified_pieces(stub, questions):
      "draft_budget must be in 1..256"),
     (pb.GenerateRequest(question="Who?", draft=cpb.DRAFT_SOURCE_REST, mode=pb.MODE_BASELINE_PAPER),
      "the paper baseline re-prefills"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(k=0)), "k (neighbours per token) must be in 1..4096, got 0"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(lam=1.5)), "lambda (the kNN weight) must be in [0, 1]"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(temperature=-1)), "the kNN temperature must be positive"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(index=7)), "unknown KNN index 7"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(successors=0)), "successors must be in 1..64"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(), retriever=SPARSE), "retriever do not apply to KNN-LM"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(), draft=cpb.DRAFT_SOURCE_REST), "draft do not apply to KNN-LM"),
 ])
 def test_bad_requests_are_invalid_argument(stub, req, message):
     for call in (lambda: stub.Generate(req, timeout=60), lambda: list(stub.GenerateStream(req, timeout=60))):
@@ -150,6 +193,11 @@ def test_backend_services_validate_too(cluster):
         with pytest.raises(grpc.RpcError) as e:
             lm.Step(lm_pb2.StepRequest(session_id=sid, tokens=[], max_new_tokens=1))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            lm.State(lm_pb2.StateRequest(session_id=sid, tokens=[10**7]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token ids must be in" in e.value.details()
+        state = lm.State(lm_pb2.StateRequest(session_id=sid, tokens=[1, 2, 3]))
+        assert len(state.hidden) == 4 * 576 and len(state.logits) == 4 * 49152
         assert lm.CloseSession(lm_pb2.CloseSessionRequest(session_id=sid)).existed
     with grpc.insecure_channel(f"127.0.0.1:{port['retriever']}") as ch:
         rt = retriever_pb2_grpc.RetrieverServiceStub(ch)
@@ -161,6 +209,31 @@ def test_backend_services_validate_too(cluster):
         with pytest.raises(grpc.RpcError) as e:
             rt.Score(retriever_pb2.ScoreRequest(retriever=EXACT, key=key, passage_ids=[10**9]))
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "passage ids must be in" in e.value.details()
+        for bad_knn, message in ((retriever_pb2.SearchKnnRequest(queries=[b"\0" * 12], k=4), "576 float32 values"),
+                                 (retriever_pb2.SearchKnnRequest(queries=[state.hidden], k=0), "must be in 1..4096"),
+                                 (retriever_pb2.SearchKnnRequest(k=4), "no queries given")):
+            with pytest.raises(grpc.RpcError) as e:
+                rt.SearchKnn(bad_knn)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+        found = rt.SearchKnn(retriever_pb2.SearchKnnRequest(queries=[state.hidden] * 2, k=8)).results
+        assert len(found) == 2 and list(found[0].entry_ids) == list(found[1].entry_ids) and len(found[0].tokens) == 8
+    with grpc.insecure_channel(f"127.0.0.1:{port['datastore']}") as ch:
+        dsv = datastore_pb2_grpc.DatastoreServiceStub(ch)
+        cid = dsv.OpenKnnCache(datastore_pb2.OpenKnnCacheRequest()).cache_id
+        with pytest.raises(grpc.RpcError) as e:
+            dsv.Insert(datastore_pb2.InsertRequest(cache_id=cid, passage_ids=[1]))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "opened by OpenKnnCache" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            dsv.InsertKnn(datastore_pb2.InsertKnnRequest(cache_id=cid, entry_ids=[10**9], successors=2))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "entry ids must be in" in e.value.details()
+        assert dsv.InsertKnn(datastore_pb2.InsertKnnRequest(cache_id=cid, entry_ids=list(found[0].entry_ids),
+                                                            successors=2)).size > 0
+        with pytest.raises(grpc.RpcError) as e:
+            dsv.LookupKnn(datastore_pb2.LookupKnnRequest(cache_id=cid, query=b"\0" * 8, k=4))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "576 float32 values" in e.value.details()
+        assert len(dsv.LookupKnn(datastore_pb2.LookupKnnRequest(cache_id=cid, query=state.hidden, k=4))
+                   .neighbours.entry_ids) == 4
+        assert dsv.CloseCache(datastore_pb2.CloseCacheRequest(cache_id=cid)).existed
 
 
 def served(cluster, service) -> dict[str, int]:
@@ -209,9 +282,12 @@ def run_while_killing(stub, controller, reqs, victim) -> None:
 
 
 def long_requests(questions, first: int) -> list[pb.GenerateRequest]:
+    """Passage requests and a KNN-LM one (its States, SearchKnn and VerifyKnn calls take the same recovery)."""
+    sync = spec(asynchronous=False, os3=False, stride=2)
     return [pb.GenerateRequest(prompt=f"{q.question} Background:\n", retriever=EXACT, max_new_tokens=24,
-                               speculation=spec(asynchronous=False, os3=False, stride=2))
-            for q in questions[first : first + 4]]
+                               speculation=sync) for q in questions[first : first + 4]] + [
+        pb.GenerateRequest(prompt=f"{questions[first].question} Background:\n", max_new_tokens=24, knn=pb.Knn(),
+                           speculation=sync)]
 
 
 def test_a_killed_retriever_replica_loses_no_request(stub, controller, cluster, questions):

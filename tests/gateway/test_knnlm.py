@@ -11,9 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.common.equivalence import compare
 from services.common.errors import InvalidRequest
-from services.gateway.knnlm import KnnLmEngine, KnnRequest, LocalKnnLm
+from services.gateway.knnlm import KnnRequest
 from services.gateway.speculation import PRESETS, SpecConfig
 from services.lm.knnlm import KnnLmConfig, next_token
 
@@ -21,17 +20,9 @@ TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def knn(engine, settings):
-    from services.datastore.knn_datastore import KnnDatastore
-
-    ds = KnnDatastore.load(settings.layout.knn_datastore(settings.model))
-    return KnnLmEngine(engine.tok, LocalKnnLm(engine.backends.lm), ds, stops=engine.stop_sets)
-
-
-@pytest.fixture(scope="module")
-def prompts(engine, knn):
+def prompts(engine, knn_ds):
     """Openings of passages: half held out of the datastore, half inside it (where the cache guesses well)."""
-    inside = sorted(set(int(t) for t in np.unique(knn.ds.text)))
+    inside = sorted(set(int(t) for t in np.unique(knn_ds.text)))
     held = [i for i in range(len(engine.docs)) if i not in set(inside)]
     picks = held[:: max(1, len(held) // 6)][:6] + inside[:: max(1, len(inside) // 6)][:6]
     return [" ".join(engine.docs.document(i).split()[:14]) for i in picks]
@@ -46,22 +37,15 @@ def baseline(knn, prompts):
     return run
 
 
-def check(base, got, label, near_ties):
-    v = compare(base.tokens, base.gaps, got.tokens, got.gaps)
-    assert v.ok, f"{label}: tokens differ at {v.position} (top-2 log-prob gap {v.gap})"
-    if not v.identical:
-        near_ties.append(f"knnlm {label}: position {v.position}, gap {v.gap:.2e}")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("index", ["exact", "approx"])
-def test_every_preset_equals_the_baseline(knn, prompts, baseline, index, near_ties):
+def test_every_preset_equals_the_baseline(knn, prompts, baseline, index, same_tokens):
     stats = []
     for pi in (0, 7):
         base = baseline(pi, 1024, 0.25, index)
         for name, preset in PRESETS.items():
             got = knn.speculate(prompts[pi], KnnRequest(TOKENS, knn=KnnLmConfig(index=index)), preset)
-            check(base, got, f"{index} prompt {pi} {name}", near_ties)
+            same_tokens(base, got, f"knnlm {index} prompt {pi} {name}")
             assert got.stats["retrieval_calls"] <= len(base.tokens)  # batching never adds datastore searches
             stats.append(got.stats)
     assert any(s["rollbacks"] for s in stats), "no configuration ever rolled back: the test lost its teeth"
@@ -69,7 +53,7 @@ def test_every_preset_equals_the_baseline(knn, prompts, baseline, index, near_ti
 
 
 @pytest.mark.slow
-def test_property_speculation_never_changes_tokens(knn, prompts, baseline, near_ties):
+def test_property_speculation_never_changes_tokens(knn, prompts, baseline, same_tokens):
     @settings(max_examples=16, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(pi=st.integers(0, len(prompts) - 1), k=st.sampled_from([1, 8, 64, 1024]),
@@ -78,16 +62,16 @@ def test_property_speculation_never_changes_tokens(knn, prompts, baseline, near_
     def prop(pi, k, lam, index, stride, prefetch, os3, asynchronous):
         spec = SpecConfig(stride=stride, prefetch=prefetch, os3=os3, asynchronous=asynchronous)
         got = knn.speculate(prompts[pi], KnnRequest(TOKENS, knn=KnnLmConfig(k=k, lam=lam, index=index)), spec)
-        check(baseline(pi, k, lam, index), got, f"{index} prompt {pi} k={k} λ={lam} {spec}", near_ties)
+        same_tokens(baseline(pi, k, lam, index), got, f"knnlm {index} prompt {pi} k={k} λ={lam} {spec}")
 
     prop()
 
 
-def test_streamed_tokens_are_verified_tokens(knn, prompts, baseline, near_ties):
+def test_streamed_tokens_are_verified_tokens(knn, prompts, baseline, same_tokens):
     seen: list[int] = []
     got = knn.speculate(prompts[8], KnnRequest(TOKENS), PRESETS["+PSA"], emit=seen.extend)
     assert seen == got.tokens
-    check(baseline(8, 1024, 0.25, "exact"), got, "stream", near_ties)
+    same_tokens(baseline(8, 1024, 0.25, "exact"), got, "knnlm stream")
 
 
 def test_lambda_zero_is_the_plain_lm(knn, engine, prompts):
@@ -127,13 +111,34 @@ def test_empty_prompt_and_bad_lengths_are_rejected(knn, prompts):
         knn.speculate(prompts[0], KnnRequest(4), SpecConfig(stride=0))
 
 
-def test_perplexity_with_lambda_zero_is_the_lm_alone(knn, engine, prompts):
+def test_perplexity_with_lambda_zero_is_the_lm_alone(knn, knn_ds, engine, prompts):
     from services.lm.knnlm import perplexity
 
     texts = [knn.encode(p) for p in prompts[:2]]
-    p = perplexity(engine.backends.lm.lm, texts, knn.ds.search, knn.ds.values,
+    p = perplexity(engine.backends.lm.lm, texts, knn_ds.search, knn_ds.values,
                    [KnnLmConfig(lam=0.0), KnnLmConfig(lam=0.25)])
     assert p.tokens == sum(len(t) - 1 for t in texts)
     assert p.knnlm[0] == pytest.approx(p.lm, rel=1e-9) and p.knnlm[1] != p.lm
     with pytest.raises(InvalidRequest):
-        perplexity(engine.backends.lm.lm, texts, knn.ds.search, knn.ds.values, [KnnLmConfig(k=1), KnnLmConfig()])
+        perplexity(engine.backends.lm.lm, texts, knn_ds.search, knn_ds.values, [KnnLmConfig(k=1), KnnLmConfig()])
+
+
+def test_the_public_api_builds_knnlm_requests(engine, knn, prompts, same_tokens):
+    from ralmspec.v1 import common_pb2 as cpb
+    from ralmspec.v1 import gateway_pb2 as pb
+
+    from services.common.errors import Unavailable
+    from services.gateway.api import to_request
+    from services.gateway.controller import Controller
+
+    req = to_request(pb.GenerateRequest(prompt=prompts[3], max_new_tokens=8,
+                                        knn=pb.Knn(k=64, lam=0.5, index=cpb.KNN_INDEX_APPROX)))
+    assert req.knn == KnnRequest(8, knn=KnnLmConfig(k=64, lam=0.5, index="approx")) and req.spec is not None
+    streamed: list[int] = []
+    got = Controller(engine, knn=knn).run(req, emit=streamed.extend)
+    assert streamed == got.tokens
+    same_tokens(knn.generate(prompts[3], req.knn), got, "knnlm via the API")
+    with pytest.raises(Unavailable, match="no KNN-LM"):
+        Controller(engine).run(req)
+    with pytest.raises(InvalidRequest, match="retriever do not apply"):
+        to_request(pb.GenerateRequest(prompt="x", knn=pb.Knn(), retriever=cpb.RETRIEVER_KIND_EXACT))

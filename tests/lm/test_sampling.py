@@ -24,7 +24,7 @@ from services.common.errors import InvalidRequest
 from services.common.grpc_server import start_server
 from services.common.wire import sampling_from_proto, sampling_to_proto
 from services.datastore.draft_tree import DraftTree
-from services.gateway.backends import Backends, drafted_greedy
+from services.gateway.backends import Backends, drafted_decode
 from services.lm.decoder import Session
 from services.lm.engine import LmEngine, StopSets
 from services.lm.model import LoadedLM
@@ -203,7 +203,7 @@ def draw(engine: LmEngine, drafts: HandDrafts | None, n: int, seed: int = 0) -> 
     for i in range(n):
         params = SamplingParams(T, TOP_P, seed + i)
         e = (engine.step(sid, CTX, LENGTH, False, sampling=params) if drafts is None
-             else drafted_greedy(backends, sid, CTX, LENGTH, False, "hand", 64, params))
+             else drafted_decode(backends, sid, CTX, LENGTH, False, "hand", 64, params))
         counts[tuple(e.tokens)] += 1
         forwards += e.forwards
     engine.close(sid)
@@ -319,7 +319,7 @@ def test_seeded_steps_replay_and_greedy_is_unchanged(lm: LoadedLM, engine: LmEng
     backends = Backends(engine, {}, None, None, drafts)  # type: ignore[arg-type]
     sid = engine.open()
     assert engine.step(sid, CTX, 8, False, sampling=sharp).tokens == Session(lm).greedy(CTX, 8, frozenset()).tokens
-    assert drafted_greedy(backends, sid, CTX, 3, False, "hand", 64, sharp).tokens == ref.tokens[:3]
+    assert drafted_decode(backends, sid, CTX, 3, False, "hand", 64, sharp).tokens == ref.tokens[:3]
     engine.close(sid)
 
 
