@@ -145,19 +145,20 @@ class RemoteRetriever:
         return self.search_embedded(self.embed(queries), k)
 
 
-class RemoteCache:
-    """A speculation cache pinned to a datastore replica. The passages inserted are kept here too, so a lost
-    replica's cache is rebuilt on another one with the same content (the same guesses follow)."""
+class _PinnedCache:
+    """A per-request cache pinned to a datastore replica. What was inserted is kept here too, so a lost replica's
+    cache is rebuilt on another one with the same content (the same guesses follow)."""
 
-    def __init__(self, bridge: Bridge, retriever: str) -> None:
-        self.bridge, self.kind = bridge, retriever_kind(retriever)
-        self.pids: list[int] = []
-        self.seen: set[int] = set()
+    def __init__(self, bridge: Bridge, open_op: str, open_request: Message) -> None:
+        self.bridge, self._open_op, self._open_request = bridge, open_op, open_request
         self.cache_id, self.stream = self._open()
 
     def _open(self) -> tuple[str, str]:
-        r = self.bridge.call(DATASTORE, "OpenCache", dpb.OpenCacheRequest(retriever=self.kind), dpb.OpenCacheReply)
+        r = self.bridge.call(DATASTORE, self._open_op, self._open_request, dpb.OpenCacheReply)
         return r.cache_id, r.replica_stream
+
+    def _restore(self) -> None:
+        """Insert what this cache held into a newly opened (empty) one."""
 
     def _call(self, op: str, make: Callable[[str], Message], reply: type[M]) -> M:
         try:
@@ -165,10 +166,29 @@ class RemoteCache:
         except LOST as e:
             log.warning("speculation cache %s on %s lost (%s); rebuilding it", self.cache_id, self.stream, e)
             self.cache_id, self.stream = self._open()
-            if self.pids:
-                self.bridge.call(DATASTORE, "Insert", dpb.InsertRequest(cache_id=self.cache_id, passage_ids=self.pids),
-                                 dpb.InsertReply, self.stream)
+            self._restore()
             return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
+
+    def close(self) -> None:
+        try:
+            self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id),
+                             dpb.CloseCacheReply, self.stream)
+        except LOST:
+            pass  # gone with its replica
+
+
+class RemoteCache(_PinnedCache):
+    """RaLM's passage cache on the datastore service."""
+
+    def __init__(self, bridge: Bridge, retriever: str) -> None:
+        self.pids: list[int] = []
+        self.seen: set[int] = set()
+        super().__init__(bridge, "OpenCache", dpb.OpenCacheRequest(retriever=retriever_kind(retriever)))
+
+    def _restore(self) -> None:
+        if self.pids:
+            self.bridge.call(DATASTORE, "Insert", dpb.InsertRequest(cache_id=self.cache_id, passage_ids=self.pids),
+                             dpb.InsertReply, self.stream)
 
     def insert(self, pids: Sequence[int]) -> int:
         new = [p for p in dict.fromkeys(pids) if p >= 0 and p not in self.seen]
@@ -188,13 +208,6 @@ class RemoteCache:
 
     def __len__(self) -> int:
         return len(self.pids)
-
-    def close(self) -> None:
-        try:
-            self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id),
-                             dpb.CloseCacheReply, self.stream)
-        except LOST:
-            pass  # gone with its replica
 
 
 class RemoteCaches:
@@ -243,31 +256,19 @@ class RemoteKnnSearch:
         return [neighbours_from_proto(n) for n in r.results]  # type: ignore[attr-defined]
 
 
-class RemoteKnnCache:
-    """A KNN-LM cache pinned to a datastore replica. Its generations are kept here, so a lost replica's cache is
-    rebuilt on another one with the same content (the same guesses follow)."""
+class RemoteKnnCache(_PinnedCache):
+    """KNN-LM's entry cache on the datastore service."""
 
     def __init__(self, bridge: Bridge) -> None:
-        self.bridge = bridge
         self.last: tuple[list[int], int] | None = None  # the live generation (max_generations = 1): ids, n
         self.size = 0
-        self.cache_id, self.stream = self._open()
+        super().__init__(bridge, "OpenKnnCache", dpb.OpenKnnCacheRequest())
 
-    def _open(self) -> tuple[str, str]:
-        r = self.bridge.call(DATASTORE, "OpenKnnCache", dpb.OpenKnnCacheRequest(), dpb.OpenCacheReply)
-        return r.cache_id, r.replica_stream
-
-    def _call(self, op: str, make: Callable[[str], Message], reply: type[M]) -> M:
-        try:
-            return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
-        except LOST as e:
-            log.warning("KNN cache %s on %s lost (%s); rebuilding it", self.cache_id, self.stream, e)
-            self.cache_id, self.stream = self._open()
-            if self.last:
-                ids, n = self.last
-                self.bridge.call(DATASTORE, "InsertKnn", dpb.InsertKnnRequest(
-                    cache_id=self.cache_id, entry_ids=ids, successors=n), dpb.InsertReply, self.stream)
-            return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
+    def _restore(self) -> None:
+        if self.last:
+            ids, n = self.last
+            self.bridge.call(DATASTORE, "InsertKnn", dpb.InsertKnnRequest(cache_id=self.cache_id, entry_ids=ids,
+                                                                          successors=n), dpb.InsertReply, self.stream)
 
     def insert_after(self, ids: np.ndarray, n: int) -> int:
         flat = [int(i) for i in np.asarray(ids).ravel() if i >= 0]
@@ -283,13 +284,6 @@ class RemoteKnnCache:
 
     def __len__(self) -> int:
         return self.size
-
-    def close(self) -> None:
-        try:
-            self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id),
-                             dpb.CloseCacheReply, self.stream)
-        except LOST:
-            pass  # gone with its replica
 
 
 def remote_knn_backends(bridge: Bridge, lm: RemoteLm) -> KnnBackends:
