@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--hops", type=int, default=2000)
     ap.add_argument("--no-knn", action="store_true", help="skip KNN-LM requests (needs the profile's datastore)")
+    ap.add_argument("--name", default="pipeline", help="results file name under bench/results/")
     args = ap.parse_args()
     settings = GatewaySettings.from_env(profile=args.profile)
     questions = read_questions(settings.layout.questions)
@@ -111,7 +112,7 @@ def main() -> None:
     total_local = sum(r["inprocess_s"] for r in runs)
     total_remote = sum(r["distributed_s"] for r in runs)
     p = {k: (float(np.percentile(v, 50)), float(np.percentile(v, 99))) for k, v in hop.items()}
-    write("pipeline", {
+    write(args.name, {
         "profile": args.profile, "requests": len(runs), "max_new_tokens": args.max_new_tokens,
         "distributed_over_inprocess": total_remote / total_local,
         "hop_p50_ms": p["stream"][0], "hop_p99_ms": p["stream"][1],

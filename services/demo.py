@@ -3,6 +3,7 @@
 For each question and retriever it asks the gateway twice, as the KV-reuse baseline and with RaLMSpec
 (the gateway's default switches), prints the answer and passages, checks the tokens are identical, and ends
 with the speedup of RaLMSpec over the baselines on these questions (both measured through the services).
+Then KNN-LM (a datastore search at every token) continues a few texts, baseline vs speculative, the same way.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ def main() -> None:
         questions = read_questions(Layout.for_profile(args.profile).questions)
         picked = questions[:: max(1, len(questions) // args.questions)][: args.questions]
         with grpc.insecure_channel(cluster.gateway) as channel:
-            ask(gateway_pb2_grpc.GatewayServiceStub(channel), picked, args.max_new_tokens)
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            ask(stub, picked, args.max_new_tokens)
+            try:
+                knn(stub, picked, args.max_new_tokens)
+            except grpc.RpcError as e:  # the profile's KNN datastore was not built (`ralmspec assets --skip knn`)
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                print(f"KNN-LM skipped: {e.details()}")
     print("services stopped")
 
 
@@ -70,6 +78,23 @@ def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_toke
         print(f"  {retriever:<7} paper {mean['baseline-paper']:.2f}  kv {mean['baseline-kv']:.2f}  "
               f"ralmspec {mean['ralmspec']:.2f}  ->  {mean['baseline-paper'] / mean['ralmspec']:.2f}x vs paper, "
               f"{mean['baseline-kv'] / mean['ralmspec']:.2f}x vs kv")
+
+
+
+def knn(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_tokens: int) -> None:  # type: ignore[type-arg]
+    print("\nKNN-LM (k = 1024, λ = 0.25, exact index), continuing each question as text:")
+    times: dict[str, list[float]] = {"baseline": [], "ralmspec": []}
+    for q in questions:
+        replies = {mode: stub.Generate(pb.GenerateRequest(prompt=q.question, max_new_tokens=max_new_tokens,
+                                                          mode=m, knn=pb.Knn()), timeout=600)
+                   for mode, m in (("baseline", pb.MODE_BASELINE_KV), ("ralmspec", pb.MODE_RALMSPEC))}
+        for mode, r in replies.items():
+            times[mode].append(r.stats.time.total_s)
+        r = replies["ralmspec"]
+        ok = list(r.token_ids) == list(replies["baseline"].token_ids)
+        print(f"  {q.question!r} -> {r.text!r}  identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}")
+    base, spec = statistics.mean(times["baseline"]), statistics.mean(times["ralmspec"])
+    print(f"  mean latency per request: baseline {base:.2f} s, speculative {spec:.2f} s -> {base / spec:.2f}x")
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def test_every_preset_equals_the_baseline(knn, prompts, baseline, index, same_to
 
 @pytest.mark.slow
 def test_property_speculation_never_changes_tokens(knn, prompts, baseline, same_tokens):
-    @settings(max_examples=16, deadline=None, derandomize=True,
+    @settings(max_examples=12, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(pi=st.integers(0, len(prompts) - 1), k=st.sampled_from([1, 8, 64, 1024]),
            lam=st.sampled_from([0.1, 0.25, 0.5, 0.9]), index=st.sampled_from(["exact", "approx"]),

@@ -15,7 +15,7 @@ from services.gateway.ralm import RalmConfig
 from services.gateway.ralmspec import PRESETS, SpecConfig, SpeculativeRalm
 
 TOKENS = 20  # several retrieval strides per request, with no newline stop, so documents change mid-answer
-EXAMPLES = {"exact": 12, "approx": 6, "sparse": 8}
+EXAMPLES = {"exact": 8, "approx": 6, "sparse": 6}
 
 
 @pytest.fixture(scope="module")
