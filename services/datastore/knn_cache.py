@@ -19,6 +19,14 @@ import numpy as np
 from services.common.errors import InvalidRequest
 from services.datastore.knn_datastore import U32, KnnDatastore, Neighbours, exact_distances, rank
 
+MAX_SUCCESSORS = 64  # entries cached after each verified neighbour (the paper's n is 10)
+
+
+def check_successors(n: int) -> int:
+    if not 1 <= n <= MAX_SUCCESSORS:
+        raise InvalidRequest(f"successors must be in 1..{MAX_SUCCESSORS}, got {n}")
+    return n
+
 
 class KnnCache:
     def __init__(self, datastore: KnnDatastore, max_generations: int = 1) -> None:
@@ -61,7 +69,7 @@ class KnnCache:
     def insert_after(self, ids: np.ndarray, n: int) -> int:
         """One generation: the n entries that follow each of `ids` in its text (RaLMSpec's prefetch for KNN-LM:
         the next token's neighbours are mostly the successors of this token's)."""
-        return self.insert(self.datastore.successors(ids, n))
+        return self.insert(self.datastore.successors(ids, check_successors(n)))
 
     def neighbours(self, query: np.ndarray, k: int) -> Neighbours:
         """`lookup`, with each entry's token."""

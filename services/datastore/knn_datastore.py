@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 INDEXES = ("exact", "approx")
 REBUILD = "rebuild with `ralmspec assets` (services.datastore.knn_datastore.build)"
+NOT_BUILT = "this replica has no KNN-LM datastore (build it with `ralmspec assets`)"
 IVF_TRAIN_MAX = 100_000  # keys sampled to train the IVF centroids
 ADD_CHUNK = 65_536  # keys upcast to float32 at a time when filling an index (bounds peak RAM)
 SCORE_CHUNK = 64  # rows per float64 block in exact_distances

@@ -31,7 +31,8 @@ from services.common.wire import (
     tree_to_proto,
     vector_from_bytes,
 )
-from services.datastore.knn_cache import KnnCache
+from services.datastore.knn_cache import KnnCache, check_successors
+from services.datastore.knn_datastore import NOT_BUILT
 from services.datastore.proposers import LocalDrafts
 from services.datastore.speculation_cache import SpeculationCache
 from services.lm.knnlm import KnnLmConfig
@@ -64,7 +65,7 @@ class CacheTable:
 
     def open_knn(self, ds: KnnDatastore | None) -> str:
         if ds is None:
-            raise Unavailable("this replica has no KNN-LM datastore (build it with `ralmspec assets`)")
+            raise Unavailable(NOT_BUILT)
         return self._add(_Entry(KnnCache(ds), None, time.monotonic()))
 
     def _add(self, entry: _Entry) -> str:
@@ -146,10 +147,9 @@ def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, 
 
     async def insert_knn(req: pb.InsertKnnRequest) -> pb.InsertReply:
         cache, _ = table.get(req.cache_id, KnnCache)
-        if not 1 <= req.successors <= 64:
-            raise InvalidRequest(f"successors must be in 1..64, got {req.successors}")
+        n = check_successors(req.successors)
         ids = np.array(req.entry_ids, dtype=np.int64)  # -1s are ignored, ids past the datastore: INVALID_ARGUMENT
-        added = await asyncio.get_running_loop().run_in_executor(pool, cache.insert_after, ids, req.successors)
+        added = await asyncio.get_running_loop().run_in_executor(pool, cache.insert_after, ids, n)
         return pb.InsertReply(added=added, size=len(cache))
 
     async def lookup_knn(req: pb.LookupKnnRequest) -> pb.LookupKnnReply:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, TypeVar
 
+from google.protobuf.message import Message
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
 
@@ -18,6 +20,7 @@ from services.lm.knnlm import KnnLmConfig
 from services.retriever.docstore import DocStore
 from services.verifier.verification import NO_DOC
 
+D = TypeVar("D", bound=Any)  # a dataclass of settings
 MAX_NEW_TOKENS = 1024
 MAX_PROMPT_CHARS = 20_000
 MODES = {pb.MODE_BASELINE_PAPER: "paper", pb.MODE_BASELINE_KV: "kv-reuse"}
@@ -67,9 +70,7 @@ def to_request(req: pb.GenerateRequest, default_spec: SpecConfig = PRESETS["+PSA
     cfg.validate()
     spec = None
     if req.mode in (pb.MODE_UNSPECIFIED, pb.MODE_RALMSPEC):
-        s = req.speculation
-        spec = replace(default_spec, **{f: getattr(s, f) for f in ("stride", "prefetch", "prefetch_k", "os3",
-                                                                   "asynchronous") if s.HasField(f)})
+        spec = _overlay(default_spec, req.speculation, ("stride", "prefetch", "prefetch_k", "os3", "asynchronous"))
         spec.validate()
     knn = _knn(req, cfg) if req.HasField("knn") else None
     return Request(prompt, cfg, retriever_name(req.retriever), spec, knn)
@@ -83,14 +84,15 @@ def _knn(req: pb.GenerateRequest, cfg: RalmConfig) -> KnnRequest:
     if passage_only:
         raise InvalidRequest(f"{', '.join(passage_only)} do not apply to KNN-LM (it retrieves datastore entries at "
                              "every token, not passages): leave them unset")
-    k = req.knn
-    default = KnnLmConfig()
-    out = KnnRequest(max_new_tokens=cfg.max_new_tokens, stop_at_newline=cfg.stop_at_newline, knn=KnnLmConfig(
-        k=k.k if k.HasField("k") else default.k, lam=k.lam if k.HasField("lam") else default.lam,
-        temperature=k.temperature if k.HasField("temperature") else default.temperature,
-        index=knn_index_name(k.index)), successors=k.successors if k.HasField("successors") else 10)
+    knn = _overlay(KnnLmConfig(index=knn_index_name(req.knn.index)), req.knn, ("k", "lam", "temperature"))
+    out = _overlay(KnnRequest(cfg.max_new_tokens, cfg.stop_at_newline, knn), req.knn, ("successors",))
     out.validate()
     return out
+
+
+def _overlay(default: D, msg: Message, fields: tuple[str, ...]) -> D:
+    """`default` with each of `fields` the message sets (proto3 `optional`: unset fields keep the default)."""
+    return replace(default, **{f: getattr(msg, f) for f in fields if msg.HasField(f)})
 
 
 def to_reply(res: RalmResult, docs: DocStore) -> pb.GenerateReply:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from services.common.errors import InvalidRequest
+from services.datastore.knn_cache import check_successors
 from services.datastore.knn_datastore import KnnDatastore, Neighbours
 from services.gateway.ralm import Emit, RalmResult
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
@@ -72,7 +73,7 @@ class KnnBackends:
 
 
 def local_knn_backends(lm: KnnLmBackend, datastore: KnnDatastore) -> KnnBackends:
-    from services.datastore.knn_cache import KnnCache as LocalCache
+    from services.datastore.knn_cache import KnnCache as LocalCache  # the protocol above shares its name
 
     return KnnBackends(lm, datastore, datastore, lambda: LocalCache(datastore))
 
@@ -88,8 +89,7 @@ class KnnRequest:
         self.knn.validate()
         if self.max_new_tokens <= 0:
             raise InvalidRequest(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if not 1 <= self.successors <= 64:
-            raise InvalidRequest(f"successors must be in 1..64, got {self.successors}")
+        check_successors(self.successors)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from services.common.wire import (
     retriever_name,
     vector_from_bytes,
 )
+from services.datastore.knn_datastore import NOT_BUILT
 from services.lm.knnlm import KnnLmConfig
 from services.retriever.retriever import Retriever
 from services.retriever.types import check_search
@@ -63,7 +64,7 @@ def check_k(k: int) -> int:
 def knn_queries(ds: KnnDatastore | None, queries: Sequence[bytes]) -> tuple[KnnDatastore, np.ndarray]:
     """A KNN search's queries, validated, as [q, d] float32 (and the datastore that can answer them)."""
     if ds is None:
-        raise Unavailable("this replica has no KNN-LM datastore (build it with `ralmspec assets`)")
+        raise Unavailable(NOT_BUILT)
     if not queries:
         raise InvalidRequest("no queries given")
     if len(queries) > MAX_BATCH:
