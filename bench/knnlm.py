@@ -23,12 +23,12 @@ from bench.results_io import write
 from services.common.equivalence import compare
 from services.datastore.knn_datastore import KnnDatastore
 from services.gateway.inprocess import open_knn_datastore, open_knnlm, open_lm
-from services.gateway.knnlm import KnnLmEngine, KnnRequest
+from services.gateway.knn_generation import KnnLmEngine, KnnRequest
 from services.gateway.ralm import RalmResult
 from services.gateway.settings import GatewaySettings
 from services.gateway.speculation import PRESETS
 from services.lm.engine import LmEngine
-from services.lm.knnlm import KnnLmConfig, perplexity
+from services.lm.knn_mixing import KnnLmConfig, perplexity
 from services.retriever.corpus import read_passages
 from services.retriever.docstore import DocStore
 

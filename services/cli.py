@@ -56,10 +56,10 @@ def _ask(args: argparse.Namespace) -> int:
 
 def _knn(args: argparse.Namespace) -> int:
     from services.gateway.inprocess import open_knnlm
-    from services.gateway.knnlm import KnnRequest
+    from services.gateway.knn_generation import KnnRequest
     from services.gateway.settings import GatewaySettings
     from services.gateway.speculation import PRESETS
-    from services.lm.knnlm import KnnLmConfig
+    from services.lm.knn_mixing import KnnLmConfig
 
     if not args.prompt.strip():
         raise InvalidRequest("the prompt is empty")

@@ -103,7 +103,7 @@ async def serve_verifier(engine: GatewaySettings, s: ServeSettings) -> None:
 
 async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequence[str], preset: str) -> None:
     from services.gateway.controller import Controller
-    from services.gateway.knnlm import KnnLmEngine
+    from services.gateway.knn_generation import KnnLmEngine
     from services.gateway.ralm import RalmEngine
     from services.gateway.ralmspec import PRESETS
     from services.gateway.remote import Bridge, RemoteLm, remote_backends, remote_knn_backends

@@ -43,7 +43,7 @@ def knn_ds(settings):
 @pytest.fixture(scope="session")
 def knn(engine, knn_ds):
     """KNN-LM in process, on the shared engine's LM."""
-    from services.gateway.knnlm import KnnLmEngine, local_knn_backends
+    from services.gateway.knn_generation import KnnLmEngine, local_knn_backends
 
     return KnnLmEngine(engine.tok, local_knn_backends(engine.backends.lm, knn_ds), stops=engine.stop_sets)
 

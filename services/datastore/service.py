@@ -35,7 +35,7 @@ from services.datastore.knn_cache import KnnCache, check_successors
 from services.datastore.knn_datastore import NOT_BUILT
 from services.datastore.proposers import LocalDrafts
 from services.datastore.speculation_cache import SpeculationCache
-from services.lm.knnlm import KnnLmConfig
+from services.lm.knn_mixing import KnnLmConfig
 from services.retriever.retriever import Retriever
 from services.retriever.service import check_pids, pick
 

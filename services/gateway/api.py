@@ -12,11 +12,11 @@ from ralmspec.v1 import gateway_pb2 as pb
 from services.common.errors import InvalidRequest
 from services.common.wire import knn_index_name, retriever_name
 from services.gateway.controller import Request
-from services.gateway.knnlm import KnnRequest
+from services.gateway.knn_generation import KnnRequest
 from services.gateway.prompts import qa_prompt
 from services.gateway.ralm import RalmConfig, RalmResult
 from services.gateway.ralmspec import PRESETS, SpecConfig
-from services.lm.knnlm import KnnLmConfig
+from services.lm.knn_mixing import KnnLmConfig
 from services.retriever.docstore import DocStore
 from services.verifier.verification import NO_DOC
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import Unavailable
-from services.gateway.knnlm import KnnLmEngine, KnnRequest
+from services.gateway.knn_generation import KnnLmEngine, KnnRequest
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
 from services.gateway.ralmspec import SpecConfig, SpeculativeRalm
 

@@ -9,7 +9,7 @@ import torch
 
 from services.datastore.rest_datastore import RestDatastore
 from services.gateway.backends import local_backends
-from services.gateway.knnlm import KnnLmEngine, local_knn_backends
+from services.gateway.knn_generation import KnnLmEngine, local_knn_backends
 from services.gateway.ralm import RalmEngine
 from services.gateway.settings import GatewaySettings
 from services.lm.engine import LmEngine

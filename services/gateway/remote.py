@@ -40,7 +40,7 @@ from services.common.wire import (
 from services.datastore.draft_tree import DraftTree
 from services.datastore.knn_datastore import Neighbours
 from services.gateway.backends import Backends, Cache
-from services.gateway.knnlm import KnnBackends
+from services.gateway.knn_generation import KnnBackends
 from services.lm.decoder import Emitted
 from services.lm.sampling import SamplingParams
 from services.retriever.retriever import QueryKey, Retriever

@@ -1,5 +1,5 @@
 """The speculation loop of RaLMSpec, shared by both granularities: documents every few tokens (iterative RaLM,
-`ralmspec.py`) and neighbours at every token (KNN-LM, `knnlm.py`).
+`ralmspec.py`) and neighbours at every token (KNN-LM, `knn_generation.py`).
 
 A granularity says what one step is: form a query key from the context, guess its retrieval result from the
 request's cache, decode with the guess, verify many keys in one batched search, tell whether a guess decodes

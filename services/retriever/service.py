@@ -29,7 +29,7 @@ from services.common.wire import (
     vector_from_bytes,
 )
 from services.datastore.knn_datastore import NOT_BUILT
-from services.lm.knnlm import KnnLmConfig
+from services.lm.knn_mixing import KnnLmConfig
 from services.retriever.retriever import Retriever
 from services.retriever.types import check_search
 

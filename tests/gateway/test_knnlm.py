@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.common.errors import InvalidRequest
-from services.gateway.knnlm import KnnRequest
+from services.gateway.knn_generation import KnnRequest
 from services.gateway.speculation import PRESETS, SpecConfig
-from services.lm.knnlm import KnnLmConfig, next_token
+from services.lm.knn_mixing import KnnLmConfig, next_token
 
 TOKENS = 16
 
@@ -112,7 +112,7 @@ def test_empty_prompt_and_bad_lengths_are_rejected(knn, prompts):
 
 
 def test_perplexity_with_lambda_zero_is_the_lm_alone(knn, knn_ds, engine, prompts):
-    from services.lm.knnlm import perplexity
+    from services.lm.knn_mixing import perplexity
 
     texts = [knn.encode(p) for p in prompts[:2]]
     p = perplexity(engine.backends.lm.lm, texts, knn_ds.search, knn_ds.values,

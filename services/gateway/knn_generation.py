@@ -1,7 +1,7 @@
 """KNN-LM serving: the baseline (a real datastore search at every token) and RaLMSpec's speculative version.
 
 Baseline, per token: h, logits = the LM's final hidden state and logits after the context; neighbours = the
-datastore's k nearest entries to h; token = argmax of λ·p_kNN + (1 − λ)·p_LM (`services/lm/knnlm.py`).
+datastore's k nearest entries to h; token = argmax of λ·p_kNN + (1 − λ)·p_LM (`services/lm/knn_mixing.py`).
 
 Speculative: the token granularity of the shared speculation loop (`speculation.py`). The request's cache
 holds the datastore entries that FOLLOW the verified neighbours (entry i+1 continues entry i's text): the
@@ -31,7 +31,7 @@ from services.datastore.knn_datastore import KnnDatastore, Neighbours
 from services.gateway.ralm import Emit, RalmResult
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
 from services.lm.engine import StopSets
-from services.lm.knnlm import KnnLmConfig, next_token
+from services.lm.knn_mixing import KnnLmConfig, next_token
 
 
 class KnnLmBackend(Protocol):
