@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from typing import TYPE_CHECKING
 
+from services.common import env, logs
 from services.common.errors import InvalidRequest, RalmError
 from services.common.layout import PROFILES
 
@@ -110,15 +110,15 @@ def _up(args: argparse.Namespace) -> int:
         if name not in replicas or not n.isdigit() or int(n) < 1:
             raise SystemExit(f"--replicas takes service=N with service in {', '.join(replicas)} and N >= 1")
         replicas[name] = int(n)
-    return up(args.profile or os.environ.get("RALMSPEC_PROFILE", "default"), args.port, replicas)
+    return up(args.profile or env.PROFILE.get(), args.port, replicas)
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ralmspec", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("assets", help="build the corpus, indexes and model of a profile (idempotent)")
-    a.add_argument("--profile", choices=PROFILES, default=os.environ.get("RALMSPEC_PROFILE", "default"))
-    a.add_argument("--model", default=os.environ.get("RALMSPEC_MODEL", "smollm2-135m"))
+    a.add_argument("--profile", choices=PROFILES, default=env.PROFILE.get())
+    a.add_argument("--model", default=env.MODEL.get())
     a.add_argument("--skip", nargs="*", default=[], metavar="STEP",
                    help="steps not to build: corpus embeddings faiss lucene lm rest knn (e.g. knn: hours on a CPU)")
     a.set_defaults(run=_assets)
@@ -164,8 +164,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=os.environ.get("RALMSPEC_LOG", "WARNING"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("WARNING")
     args = parser().parse_args(argv)
     try:
         return int(args.run(args))

@@ -17,6 +17,7 @@ import grpc
 from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc
 
+from services.common import env
 from services.common.layout import Layout
 from services.common.wire import retriever_kind
 from services.retriever.corpus import read_questions
@@ -29,7 +30,7 @@ MODES = {"baseline-paper": pb.MODE_BASELINE_PAPER, "baseline-kv": pb.MODE_BASELI
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--profile", default=os.environ.get("RALMSPEC_PROFILE", "default"))
+    ap.add_argument("--profile", default=env.PROFILE.get())
     ap.add_argument("--questions", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     args = ap.parse_args()

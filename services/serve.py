@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from services.common import env
+from services.common import env, logs
 from services.common.contracts import LM
 from services.common.serving import ServeSettings, serve
 from services.common.transport import StreamClient
@@ -133,8 +133,7 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
 
 def run(service: str, profile: str | None, port: int | None, retrievers: Sequence[str] | None,
         replica: str | None) -> None:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logs.configure("INFO", prefix=f"{service} ")
     engine = GatewaySettings.from_env(profile=profile)
     s = ServeSettings.from_env(port=port, replica=replica)
     names = list(retrievers or RETRIEVERS)
