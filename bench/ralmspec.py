@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from bench import results_io
-from bench.results_io import write
+from bench.results_io import rotated, spread, spread_text, write
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
@@ -28,25 +28,28 @@ from services.retriever.dense import DenseIndex, build_index
 from services.retriever.retriever import DenseRetriever
 
 METHODS = ["baseline-paper", "baseline-kv", *PRESETS, "lm-only"]
+# Request i runs these units in an order rotated by i; lm-only replays the documents baseline-kv retrieved for
+# the same request, so the two run back to back as one unit.
+UNITS = [["baseline-paper"], ["baseline-kv", "lm-only"], *[[p] for p in PRESETS]]
 
 
 def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], retriever: str,
                 cfg: RalmConfig, methods: list[str]) -> list[dict]:
-    # Methods are interleaved per prompt (not run method after method) so that drift in machine speed over
-    # the run hits every method alike; baseline-kv runs first for each prompt because lm-only replays its docs.
-    runs: dict[str, list[RalmResult]] = {m: [] for m in {"baseline-kv", *methods}}
+    units = [u for u in ([m for m in unit if m in methods or m == "baseline-kv"] for unit in UNITS) if u]
+    runs: dict[str, list[RalmResult]] = {m: [] for u in units for m in u}
     paper_cfg = RalmConfig(**{**cfg.__dict__, "mode": "paper"})
     lm_cfg = RalmConfig(**{**cfg.__dict__, "mode": "lm-only"})
-    for p in prompts:
-        base = engine.generate(p, cfg, retriever)
-        runs["baseline-kv"].append(base)
-        for m in methods:
-            if m == "baseline-paper":
-                runs[m].append(engine.generate(p, paper_cfg, retriever))
-            elif m == "lm-only":
-                runs[m].append(engine.generate(p, lm_cfg, schedule=base.doc_ids))
-            elif m in PRESETS:
-                runs[m].append(spec.generate(p, cfg, PRESETS[m], retriever))
+    for i, p in enumerate(prompts):
+        for unit in rotated(units, i):
+            for m in unit:
+                if m == "baseline-paper":
+                    runs[m].append(engine.generate(p, paper_cfg, retriever))
+                elif m == "baseline-kv":
+                    runs[m].append(engine.generate(p, cfg, retriever))
+                elif m == "lm-only":
+                    runs[m].append(engine.generate(p, lm_cfg, schedule=runs["baseline-kv"][-1].doc_ids))
+                else:
+                    runs[m].append(spec.generate(p, cfg, PRESETS[m], retriever))
     mean: Callable[[str], float] = lambda m: statistics.mean(r.total_s for r in runs[m])  # noqa: E731
     t_paper, t_kv, t_lm = mean("baseline-paper"), mean("baseline-kv"), mean("lm-only")
     rows = []
@@ -56,8 +59,13 @@ def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], r
         t = mean(m)
         spec_acc = [r.stats["spec_accuracy"] for r in rs if "spec_accuracy" in r.stats]
         rows.append({
-            "retriever": retriever, "method": m, "latency_s": t,
+            "retriever": retriever, "method": m, "latency_s": t, "latency_spread": spread([r.total_s for r in rs]),
+            "latency": spread_text([r.total_s for r in rs]),
             "speedup_vs_paper": t_paper / t, "speedup_vs_kv": t_kv / t, "over_lm_only": t / t_lm,
+            # per-request ratios (same prompt, both methods): their spread over the requests
+            "vs_kv_per_request": spread_text([b.total_s / r.total_s for b, r in zip(base, rs)]),
+            "vs_paper_per_request": spread_text([b.total_s / r.total_s for b, r in zip(runs["baseline-paper"], rs)])
+            if "baseline-paper" in runs else None,
             "captured": (t_kv - t) / (t_kv - t_lm) if t_kv > t_lm else float("nan"),
             "captured_vs_paper": (t_paper - t) / (t_paper - t_lm) if t_paper > t_lm else float("nan"),
             "spec_accuracy": statistics.mean(spec_acc) if spec_acc else None,
@@ -98,7 +106,7 @@ def scaling(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], cfg: 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="large")
-    ap.add_argument("--questions", type=int, default=3)
+    ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--retrievers", nargs="+", default=["exact", "approx", "sparse"])
     ap.add_argument("--scaling", nargs="*", type=int, default=[10000, 30000, 10**9])
@@ -110,17 +118,25 @@ def main() -> None:
     questions = read_questions(settings.layout.questions)
     prompts = [qa_prompt(q.question) for q in questions[11 :: len(questions) // args.questions][: args.questions]]
     cfg = RalmConfig(max_new_tokens=args.max_new_tokens, stop_at_newline=False)
-    engine.generate(prompts[0], RalmConfig(max_new_tokens=8), "exact")  # warm up
+    for r in args.retrievers:  # warm up every retriever (the first sparse search starts the JVM) and the caches
+        engine.generate(prompts[0], RalmConfig(max_new_tokens=8), r)
+        spec.generate(prompts[0], RalmConfig(max_new_tokens=8), PRESETS["+PSA"], r)
     rows = []
     for r in args.retrievers:
         rows += run_methods(engine, spec, prompts, r, cfg, METHODS)
     scale = scaling(engine, spec, prompts, cfg, args.scaling) if args.scaling else []
     write(args.name, {"passages": len(engine.docs), "profile": args.profile, "questions": len(prompts),
                       "max_new_tokens": args.max_new_tokens, "rows": rows, "scaling": scale},
-          ["retriever", "method", "latency_s", "speedup_vs_paper", "speedup_vs_kv", "over_lm_only", "captured",
-           "spec_accuracy", "mean_stride", "retrieval_calls", "retrieval_s", "lm_s", "identical"],
+          ["retriever", "method", "latency_s", "latency", "speedup_vs_paper", "vs_paper_per_request",
+           "speedup_vs_kv", "vs_kv_per_request", "over_lm_only", "captured", "spec_accuracy", "mean_stride",
+           "retrieval_calls", "retrieval_s", "lm_s", "identical", "near_ties"],
           f"RaLMSpec on this machine ({args.profile}: {len(engine.docs)} passages, {len(prompts)} requests "
           f"x {args.max_new_tokens} tokens)",
+          "`latency_s`: mean seconds per request; `latency`: median [min, max] over the requests. `speedup_vs_*`: "
+          "ratio of the mean latencies; `vs_*_per_request`: the same ratio per request (same prompt, both methods), "
+          "median [min, max]. Methods run in an order rotated per request (lm-only right after baseline-kv, whose "
+          "documents it replays); every retriever is warmed up first. `captured`: (kv - method) / (kv - lm-only), "
+          "the share of the removable retrieval time that the method removed.\n\n"
           "Scaling (exact retriever, +PSA):\n\n" + "\n".join(
               f"- {s['passages']} passages: {s['speedup_vs_paper']:.2f}x vs paper, {s['speedup_vs_kv']:.2f}x vs kv, "
               f"captured {s['captured']:.2f}, identical {s['identical']}" for s in scale))

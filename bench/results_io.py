@@ -52,6 +52,25 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def rotated(items: Sequence[G], i: int) -> list[G]:
+    """`items` starting at position i mod len: request i runs the methods in this order, so that warm-up and
+    drift in machine speed hit every method alike."""
+    k = i % len(items)
+    return [*items[k:], *items[:k]]
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """min / median / max of a cell's repetitions."""
+    v = sorted(values)
+    mid = len(v) // 2
+    return {"min": v[0], "median": v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2, "max": v[-1]}
+
+
+def spread_text(values: Sequence[float], fmt: str = ".2f") -> str:
+    s = spread(values)
+    return f"{s['median']:{fmt}} [{s['min']:{fmt}}, {s['max']:{fmt}}]"
+
+
 def write(name: str, payload: dict, columns: list[str], title: str, notes: str = "") -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {**payload, **provenance()}
