@@ -1,7 +1,8 @@
 """The gRPC adapter: serves each ServiceDef's operation table on one grpc.aio server, with health and reflection.
 
 Handlers stay protocol-free (`async def handler(request) -> reply`); this module only decodes, calls, encodes and
-maps an exception to a status through `status_of`, the one mapping every edge shares.
+maps an exception to a status through `status_of`, the one mapping every edge shares (an undecodable request
+body included: INVALID_ARGUMENT).
 """
 
 from __future__ import annotations
@@ -40,21 +41,25 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     raise exc  # unreachable: abort always raises
 
 
-def _unary(method: str, handler: Unary) -> Callable[[Message, grpc.aio.ServicerContext], Awaitable[Message]]:
-    async def call(request: Message, context: grpc.aio.ServicerContext) -> Message:
+def _unary(method: str, op: Operation) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+    handler = cast(Unary, op.handler)
+
+    async def call(body: bytes, context: grpc.aio.ServicerContext) -> Message:
         try:
-            return await handler(request)
+            return await handler(op.parse(body))
         except Exception as exc:  # CancelledError is a BaseException: a cancelled call stays cancelled
             await _abort(context, method, exc)
 
     return call
 
 
-def _server_stream(method: str, handler: ServerStream) -> Callable[[Message, grpc.aio.ServicerContext],
-                                                                    AsyncIterator[Message]]:
-    async def call(request: Message, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+def _server_stream(method: str, op: Operation) -> Callable[[bytes, grpc.aio.ServicerContext],
+                                                           AsyncIterator[Message]]:
+    handler = cast(ServerStream, op.handler)
+
+    async def call(body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
         try:
-            async for reply in handler(request):
+            async for reply in handler(op.parse(body)):
                 yield reply
         except Exception as exc:  # replies already sent stand; the status ends the stream
             await _abort(context, method, exc)
@@ -63,14 +68,13 @@ def _server_stream(method: str, handler: ServerStream) -> Callable[[Message, grp
 
 
 def _method_handler(service: ServiceDef, op: Operation) -> grpc.RpcMethodHandler:
+    # No request deserializer: the body arrives as bytes and is parsed inside the error mapping (a deserializer
+    # that raises makes gRPC answer UNKNOWN and log a traceback).
     method = service.method(op.name)
     if op.streaming:
-        return grpc.unary_stream_rpc_method_handler(
-            _server_stream(method, cast(ServerStream, op.handler)),
-            request_deserializer=op.request.FromString, response_serializer=op.reply.SerializeToString)
-    return grpc.unary_unary_rpc_method_handler(
-        _unary(method, cast(Unary, op.handler)),
-        request_deserializer=op.request.FromString, response_serializer=op.reply.SerializeToString)
+        return grpc.unary_stream_rpc_method_handler(_server_stream(method, op),
+                                                    response_serializer=op.reply.SerializeToString)
+    return grpc.unary_unary_rpc_method_handler(_unary(method, op), response_serializer=op.reply.SerializeToString)
 
 
 def generic_handler(service: ServiceDef) -> grpc.GenericRpcHandler:

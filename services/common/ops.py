@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from services.common.errors import InvalidRequest, NotFound, Overloaded, RalmError, Unavailable
 
@@ -30,6 +30,15 @@ class Operation:
     reply: type[Message]
     handler: Unary | ServerStream = _unbound
     streaming: bool = False  # server-streaming (gRPC only; a Redis stream call is request/reply)
+
+    def parse(self, body: bytes) -> Message:
+        """The request message from its wire bytes (both adapters); bytes that are not one are the caller's error."""
+        try:
+            return self.request.FromString(body)
+        except DecodeError as e:  # "Error parsing message with type '...': Wire format was corrupt"
+            reason = str(e).rpartition(": ")[2] or "undecodable"
+            raise InvalidRequest(f"{self.name}: the request body is not a valid "
+                                 f"{self.request.DESCRIPTOR.full_name} message ({reason})") from None
 
 
 @dataclass(frozen=True)

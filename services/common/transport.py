@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from redis.exceptions import RedisError, ResponseError
 
 from services.common.errors import InvalidRequest, Overloaded, Unavailable
@@ -58,9 +58,15 @@ Fields = dict[bytes, bytes]
 Reply = tuple[str, str, bytes]  # (code, message, body)
 
 
-def served_key(group: str) -> str:
-    """Redis hash: consumer name -> entries it answered, per consumer group (a cluster-wide metric)."""
-    return f"ralmspec:served:{group}"
+COUNTERS = ("served", "claimed", "replayed")  # cluster-wide metrics, one Redis hash each per consumer group
+
+
+def counter_key(counter: str, group: str) -> str:
+    """Redis hash: consumer (or client) name -> its count of `counter` for a consumer group: "served" (entries
+    answered and acked), "claimed" (entries taken over from an idle, likely dead, consumer), "replayed" (calls a
+    client sent again because the replica pinning their session or cache was lost)."""
+    assert counter in COUNTERS, counter
+    return f"ralmspec:{counter}:{group}"
 
 
 def _connect(url: str, max_connections: int) -> aioredis.Redis:
@@ -181,11 +187,15 @@ class StreamWorker:
                 got = await self.redis.xautoclaim(stream, self.group, self.consumer, self.claim_idle_ms, cursor,
                                                   count=free)
                 cursor, entries = got[0], got[1]
+                claimed = 0
                 for entry_id, fields in entries:
                     if entry_id is not None and (stream, entry_id) not in self._in_flight:
-                        self.claimed += 1
+                        claimed += 1
                         log.info("worker %s: claimed %s %s from an idle consumer", self.consumer, stream, entry_id)
                         self._spawn(stream, entry_id, fields)
+                if claimed:
+                    self.claimed += claimed
+                    await self.redis.hincrby(counter_key("claimed", self.group), self.consumer, claimed)
                 if cursor in (b"0-0", "0-0"):
                     break
 
@@ -209,7 +219,7 @@ class StreamWorker:
                     log.warning("worker %s: entry %s %s has no reply_to; acked unanswered", self.consumer, stream,
                                 entry_id)
                 pipe.xack(stream, self.group, entry_id)
-                pipe.hincrby(served_key(self.group), self.consumer, 1)  # who served what, across processes
+                pipe.hincrby(counter_key("served", self.group), self.consumer, 1)  # who served what, across processes
                 await pipe.execute()
                 self.served += 1
         except Exception:  # unacked: another consumer (or our own claim) retries it after claim_idle_ms
@@ -231,11 +241,7 @@ class StreamWorker:
         if deadline_ms and _now_ms() >= deadline_ms:
             return DEADLINE_EXCEEDED, f"{name}: deadline passed before a worker took the request", b""
         try:
-            request = op.request.FromString(fields.get(b"body", b""))
-        except DecodeError as e:
-            return INVALID_ARGUMENT, f"undecodable {op.request.DESCRIPTOR.full_name} body for {name}: {e}", b""
-        try:
-            reply = await cast(Unary, op.handler)(request)
+            reply = await cast(Unary, op.handler)(op.parse(fields.get(b"body", b"")))
         except Exception as e:
             code, message = status_of(e)  # INTERNAL is a bug: logged with its traceback; the rest are answers
             log.log(logging.ERROR if code == INTERNAL else logging.INFO, "%s %s failed (id=%s): %s",

@@ -106,6 +106,26 @@ async def test_unary_round_trip_and_status_on_raw_channel(server: GrpcServer) ->
         assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
+NOT_PROTOBUF = [(b"\xff\xff\xff", "Wire format was corrupt"), (b"\x0a\x02\xff\xfe", "String field had bad UTF-8")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("body, reason", NOT_PROTOBUF)
+async def test_a_body_that_is_not_the_request_message_is_invalid_argument(
+        server: GrpcServer, caplog: pytest.LogCaptureFixture, body: bytes, reason: str) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        for name, kind in (("Echo", ch.unary_unary), ("Count", ch.unary_stream)):
+            call = kind(ECHO.method(name))  # identity serializers: the bytes go out as they are
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await call(body, timeout=5) if name == "Echo" else [r async for r in call(body, timeout=5)]
+            assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert bad.value.details() == (f"{name}: the request body is not a valid google.protobuf.StringValue "
+                                           f"message ({reason})")
+        assert (await ch.unary_unary(ECHO.method("Echo"))(b"\x0a\x01x", timeout=5)) == b"\x0a\x06echo:x"
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info] == []  # an answer, not a bug
+
+
 @pytest.mark.asyncio
 async def test_client_maps_status_back_to_errors(client: GrpcClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="services.common.grpc_server")
