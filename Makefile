@@ -61,7 +61,7 @@ test: assets-tiny lint
 test-fast: install
 	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q -m "not slow" tests
 
-demo: assets
+demo: install
 	RALMSPEC_PROFILE=$(PROFILE) $(PY) -m services.demo
 
 lint: install

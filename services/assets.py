@@ -33,9 +33,13 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
+def _done(manifest: dict, name: str, out: Path) -> bool:
+    return out.exists() and name in manifest
+
+
 def _step(manifest: dict, name: str, out: Path, build: Callable[[], None], save: Path) -> None:
     """Run one build step unless its output exists; record time and size at once (resumable)."""
-    if out.exists() and name in manifest:
+    if _done(manifest, name, out):
         return
     t = time.perf_counter()
     build()
@@ -46,10 +50,19 @@ def _step(manifest: dict, name: str, out: Path, build: Callable[[], None], save:
 STEPS = ("corpus", "embeddings", "faiss", "lucene", "lm", "rest", "knn")  # in build order
 
 
+def missing(profile: str, layout: Layout | None = None, model: str = "smollm2-135m",
+            skip: Collection[str] = ()) -> list[str]:
+    """The steps `build` would run now (nothing is built)."""
+    todo: list[str] = []
+    build(profile, layout, model, skip, plan=todo)
+    return todo
+
+
 def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m",
-          skip: Collection[str] = ()) -> dict:
+          skip: Collection[str] = (), plan: list[str] | None = None) -> dict:
     """Build every step of a profile not in `skip` (a later step still needs what it reads: skip only what
-    nothing after it uses, e.g. `knn`, whose whole-corpus build takes hours on a CPU)."""
+    nothing after it uses, e.g. `knn`, whose whole-corpus build takes hours on a CPU). With `plan`, only list
+    the steps still to build into it."""
     if profile not in PROFILES:
         raise InvalidRequest(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
     unknown = set(skip) - set(STEPS)
@@ -119,10 +132,10 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
         build_from_texts(texts, encode, len(tok), lay.rest_datastore(model))  # type: ignore[arg-type]
 
     def knn() -> None:
-        from services.datastore.knn_datastore import build as build_knn
         from services.lm.model import load
         from services.retriever.corpus import read_passages
         from services.retriever.docstore import DocStore
+        from services.retriever.knn_build import build as build_knn
 
         store = DocStore(read_passages(lay.passages))
         texts = (store.document(i) for i in range(len(store)))
@@ -137,8 +150,14 @@ def build(profile: str, layout: Layout | None = None, model: str = "smollm2-135m
         ("rest", f"rest_{model}", lay.rest_datastore(model), rest),
         ("knn", f"knn_{model}", lay.knn_datastore(model), knn)]
     for group, name, out, run in steps:
-        if group not in skip:
+        if group in skip:
+            continue
+        if plan is None:
             _step(manifest, name, out, run, lay.manifest)
+        elif not _done(manifest, name, out):
+            plan.append(name)
+    if plan is not None:
+        return manifest
     with lay.passages.open() as f:
         manifest["passages"] = sum(1 for _ in f)
     with lay.questions.open() as f:
