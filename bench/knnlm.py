@@ -21,16 +21,17 @@ import numpy as np
 from bench import results_io
 from bench.results_io import write
 from services.common.equivalence import compare
-from services.datastore.knn_datastore import KnnDatastore
 from services.gateway.inprocess import open_knn_datastore, open_knnlm, open_lm
 from services.gateway.knn_generation import KnnLmEngine, KnnRequest
 from services.gateway.ralm import RalmResult
 from services.gateway.settings import GatewaySettings
 from services.gateway.speculation import PRESETS
 from services.lm.engine import LmEngine
-from services.lm.knn_mixing import KnnLmConfig, perplexity
+from services.lm.knn_mixing import perplexity
+from services.lm.types import KnnLmConfig
 from services.retriever.corpus import read_passages
 from services.retriever.docstore import DocStore
+from services.retriever.knn_index import KnnDatastore
 
 METHODS = {"spec": "ralmspec", "+P": "+P", "+S": "+S", "+A": "+A", "+PSA": "+PSA"}  # row name -> preset
 

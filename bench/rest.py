@@ -30,7 +30,7 @@ from services.gateway.ralm import RalmConfig
 from services.gateway.ralmspec import PRESETS, SpeculativeRalm
 from services.gateway.settings import GatewaySettings
 from services.lm.decoder import Emitted
-from services.lm.sampling import SamplingParams
+from services.lm.types import SamplingParams
 from services.retriever.corpus import read_questions
 
 SOURCES = (("rest", "rest"), ("prompt-lookup", "prompt"), ("rest+prompt-lookup", "both"))

@@ -59,7 +59,7 @@ def _knn(args: argparse.Namespace) -> int:
     from services.gateway.knn_generation import KnnRequest
     from services.gateway.settings import GatewaySettings
     from services.gateway.speculation import PRESETS
-    from services.lm.knn_mixing import KnnLmConfig
+    from services.lm.types import KnnLmConfig
 
     if not args.prompt.strip():
         raise InvalidRequest("the prompt is empty")

@@ -22,7 +22,7 @@ from services.gateway.settings import GatewaySettings
 from services.retriever.retriever import RETRIEVERS, Retriever
 
 if TYPE_CHECKING:
-    from services.datastore.knn_datastore import KnnDatastore
+    from services.retriever.knn_index import KnnDatastore
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _drafts(engine: GatewaySettings) -> LocalDrafts:
 
 def _knn(engine: GatewaySettings, indexes: Sequence[str]) -> KnnDatastore | None:
     """KNN-LM's datastore when built (`ralmspec assets`), with the given indexes (none: keys, values, texts)."""
-    from services.datastore.knn_datastore import KnnDatastore
+    from services.retriever.knn_index import KnnDatastore
 
     folder = engine.layout.knn_datastore(engine.model)
     if not (folder / "meta.json").exists():

@@ -35,7 +35,7 @@ def engine(settings):
 @pytest.fixture(scope="session")
 def knn_ds(settings):
     """The tiny profile's KNN-LM datastore, both indexes."""
-    from services.datastore.knn_datastore import KnnDatastore
+    from services.retriever.knn_index import KnnDatastore
 
     return KnnDatastore.load(settings.layout.knn_datastore(settings.model))
 

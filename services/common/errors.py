@@ -21,3 +21,7 @@ class Overloaded(RalmError):
 
 class Unavailable(RalmError):
     """A dependency is down or an asset is missing: maps to UNAVAILABLE."""
+
+
+class DeadlineExceeded(RalmError, TimeoutError):
+    """The caller's deadline passed before a reply came: maps to DEADLINE_EXCEEDED."""

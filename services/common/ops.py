@@ -13,7 +13,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
-from services.common.errors import InvalidRequest, NotFound, Overloaded, RalmError, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, RalmError, Unavailable
 
 Unary = Callable[[Any], Awaitable[Message]]
 ServerStream = Callable[[Any], AsyncIterator[Message]]
@@ -73,10 +73,6 @@ RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 UNAVAILABLE = "UNAVAILABLE"
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 INTERNAL = "INTERNAL"
-
-
-class DeadlineExceeded(RalmError, TimeoutError):
-    """The caller's deadline passed before a reply came: maps to DEADLINE_EXCEEDED."""
 
 
 class RemoteError(RalmError):

@@ -34,13 +34,12 @@ import redis.asyncio as aioredis
 from google.protobuf.message import Message
 from redis.exceptions import RedisError, ResponseError
 
-from services.common.errors import InvalidRequest, Overloaded, Unavailable
+from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from services.common.ops import (
     DEADLINE_EXCEEDED,
     INTERNAL,
     INVALID_ARGUMENT,
     OK,
-    DeadlineExceeded,
     Operation,
     ServiceDef,
     Unary,

@@ -17,7 +17,8 @@ import faiss
 import numpy as np
 
 from services.common.errors import InvalidRequest
-from services.datastore.knn_datastore import U32, KnnDatastore, Neighbours, exact_distances, rank
+from services.retriever.knn_index import U32, KnnDatastore, exact_distances, rank
+from services.retriever.types import Neighbours
 
 MAX_SUCCESSORS = 64  # entries cached after each verified neighbour (the paper's n is 10)
 

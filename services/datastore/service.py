@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from ralmspec.v1 import common_pb2 as cpb
@@ -23,24 +23,15 @@ from ralmspec.v1 import datastore_pb2 as pb
 from services.common.contracts import DATASTORE
 from services.common.errors import InvalidRequest, NotFound, Overloaded, Unavailable
 from services.common.ops import ServiceDef
-from services.common.wire import (
-    checked_key,
-    hits_to_proto,
-    neighbours_to_proto,
-    retriever_name,
-    tree_to_proto,
-    vector_from_bytes,
-)
+from services.common.wire import retriever_name, vector_from_bytes
 from services.datastore.knn_cache import KnnCache, check_successors
-from services.datastore.knn_datastore import NOT_BUILT
 from services.datastore.proposers import LocalDrafts
 from services.datastore.speculation_cache import SpeculationCache
-from services.lm.knn_mixing import KnnLmConfig
-from services.retriever.retriever import Retriever
-from services.retriever.service import check_pids, pick
-
-if TYPE_CHECKING:
-    from services.datastore.knn_datastore import KnnDatastore
+from services.datastore.wire import tree_to_proto
+from services.retriever.knn_index import NOT_BUILT, KnnDatastore
+from services.retriever.retriever import Retriever, check_pids, pick
+from services.retriever.types import check_knn_k
+from services.retriever.wire import checked_key, hits_to_proto, neighbours_to_proto
 
 C = TypeVar("C", SpeculationCache, KnnCache)
 
@@ -60,7 +51,7 @@ class CacheTable:
         self.entries: dict[str, _Entry] = {}
 
     def open(self, kind: int) -> str:
-        ret = pick(self.retrievers, kind)
+        ret = pick(self.retrievers, retriever_name(kind))
         return self._add(_Entry(SpeculationCache(ret.score), ret, time.monotonic()))
 
     def open_knn(self, ds: KnnDatastore | None) -> str:
@@ -155,7 +146,7 @@ def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, 
     async def lookup_knn(req: pb.LookupKnnRequest) -> pb.LookupKnnReply:
         cache, _ = table.get(req.cache_id, KnnCache)
         query = vector_from_bytes(req.query, cache.datastore.dim, "a KNN query (an LM hidden state)")
-        KnnLmConfig(k=req.k).validate()
+        check_knn_k(req.k)
         found = await asyncio.get_running_loop().run_in_executor(pool, cache.neighbours, query, req.k)
         return pb.LookupKnnReply(neighbours=neighbours_to_proto(found))
 

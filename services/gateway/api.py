@@ -16,9 +16,9 @@ from services.gateway.knn_generation import KnnRequest
 from services.gateway.prompts import qa_prompt
 from services.gateway.ralm import RalmConfig, RalmResult
 from services.gateway.ralmspec import PRESETS, SpecConfig
-from services.lm.knn_mixing import KnnLmConfig
+from services.lm.types import KnnLmConfig
 from services.retriever.docstore import DocStore
-from services.verifier.verification import NO_DOC
+from services.retriever.types import NO_DOC
 
 D = TypeVar("D", bound=Any)  # a dataclass of settings
 MAX_NEW_TOKENS = 1024

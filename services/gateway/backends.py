@@ -18,9 +18,9 @@ from services.datastore.rest_datastore import RestDatastore
 from services.datastore.speculation_cache import SpeculationCache
 from services.lm.decoder import Emitted
 from services.lm.engine import LmEngine
-from services.lm.sampling import SamplingParams
-from services.retriever.retriever import QueryKey, Retriever
-from services.retriever.types import Hit
+from services.lm.types import SamplingParams
+from services.retriever.retriever import Retriever
+from services.retriever.types import Hit, QueryKey
 
 
 class LmBackend(Protocol):

@@ -19,7 +19,7 @@ from services.retriever.encoder import Encoder
 from services.retriever.retriever import RETRIEVERS, Retriever, open_retriever
 
 if TYPE_CHECKING:
-    from services.datastore.knn_datastore import KnnDatastore
+    from services.retriever.knn_index import KnnDatastore
 
 
 def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVERS) -> RalmEngine:
@@ -43,7 +43,7 @@ def open_lm(settings: GatewaySettings) -> LmEngine:
 
 def open_knn_datastore(settings: GatewaySettings, nprobe: int = 32) -> KnnDatastore:
     """The profile's KNN-LM datastore, both indexes (`ralmspec assets` builds it)."""
-    from services.datastore.knn_datastore import KnnDatastore
+    from services.retriever.knn_index import KnnDatastore
 
     ds = KnnDatastore.load(settings.layout.knn_datastore(settings.model), nprobe=nprobe)
     if settings.threads > 0:  # after FAISS is up: they share one OpenMP runtime (see open_engine)

@@ -27,11 +27,13 @@ import torch
 
 from services.common.errors import InvalidRequest
 from services.datastore.knn_cache import check_successors
-from services.datastore.knn_datastore import KnnDatastore, Neighbours
 from services.gateway.ralm import Emit, RalmResult
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
 from services.lm.engine import StopSets
-from services.lm.knn_mixing import KnnLmConfig, next_token
+from services.lm.knn_mixing import next_token
+from services.lm.types import KnnLmConfig
+from services.retriever.knn_index import KnnDatastore
+from services.retriever.types import Neighbours
 
 
 class KnnLmBackend(Protocol):

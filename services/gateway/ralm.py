@@ -17,15 +17,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-from services.common.errors import InvalidRequest
-from services.common.ops import DeadlineExceeded
+from services.common.errors import DeadlineExceeded, InvalidRequest
 from services.datastore.proposers import DRAFTS
 from services.gateway.backends import Backends, drafted_decode
 from services.lm.decoder import Emitted
 from services.lm.engine import StopSets
 from services.retriever.docstore import DocStore
 from services.retriever.retriever import Retriever
-from services.verifier.verification import NO_DOC
+from services.retriever.types import NO_DOC
 
 MODES = ("paper", "kv-reuse", "no-retrieval", "lm-only")
 

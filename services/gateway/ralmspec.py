@@ -19,8 +19,7 @@ from services.gateway.prefetch import PrefetchPolicy
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
 from services.gateway.speculation import PRESETS, SpecConfig, SpeculationLoop, verification_pool
 from services.retriever.retriever import Retriever
-from services.retriever.types import Hit
-from services.verifier.verification import NO_DOC, top1
+from services.retriever.types import NO_DOC, Hit, top1
 
 __all__ = ["PRESETS", "SpecConfig", "SpeculativeRalm"]
 

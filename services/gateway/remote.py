@@ -21,30 +21,20 @@ from ralmspec.v1 import retriever_pb2 as rpb
 from ralmspec.v1 import verifier_pb2 as vpb
 
 from services.common.contracts import DATASTORE, LM, RETRIEVER, VERIFIER
-from services.common.errors import NotFound
-from services.common.ops import DeadlineExceeded, ServiceDef
+from services.common.errors import DeadlineExceeded, NotFound
+from services.common.ops import ServiceDef
 from services.common.transport import StreamClient
-from services.common.wire import (
-    hits_from_proto,
-    key_from_proto,
-    key_to_proto,
-    knn_index,
-    neighbours_from_proto,
-    retriever_kind,
-    sampling_to_proto,
-    tree_from_proto,
-    tree_to_proto,
-    vector_bytes,
-    vector_from_bytes,
-)
+from services.common.wire import knn_index, retriever_kind, vector_bytes, vector_from_bytes
 from services.datastore.draft_tree import DraftTree
-from services.datastore.knn_datastore import Neighbours
+from services.datastore.wire import tree_from_proto, tree_to_proto
 from services.gateway.backends import Backends, Cache
 from services.gateway.knn_generation import KnnBackends
 from services.lm.decoder import Emitted
-from services.lm.sampling import SamplingParams
-from services.retriever.retriever import QueryKey, Retriever
-from services.retriever.types import Hit, check_search
+from services.lm.types import SamplingParams
+from services.lm.wire import sampling_to_proto
+from services.retriever.retriever import Retriever
+from services.retriever.types import Hit, Neighbours, QueryKey, check_search
+from services.retriever.wire import hits_from_proto, key_from_proto, key_to_proto, neighbours_from_proto
 
 M = TypeVar("M", bound=Message)
 log = logging.getLogger(__name__)

@@ -17,27 +17,10 @@ import torch
 
 from services.common.errors import InvalidRequest
 from services.lm.model import LoadedLM
+from services.lm.types import KnnLmConfig
 
 # (queries [q, d] float32, k, index) -> (squared L2 distances [q, k], entry ids [q, k], -1 = none)
 Search = Callable[[np.ndarray, int, str], tuple[np.ndarray, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class KnnLmConfig:
-    k: int = 1024  # neighbours per token
-    lam: float = 0.25  # weight of p_kNN
-    temperature: float = 1.0  # of the softmax over negative distances
-    index: str = "exact"  # exact (FAISS flat L2) | approx (IVF)
-
-    def validate(self) -> None:
-        if not 1 <= self.k <= 4096:
-            raise InvalidRequest(f"k (neighbours per token) must be in 1..4096, got {self.k}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise InvalidRequest(f"lambda (the kNN weight) must be in [0, 1], got {self.lam}")
-        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
-            raise InvalidRequest(f"the kNN temperature must be positive, got {self.temperature}")
-        if self.index not in ("exact", "approx"):
-            raise InvalidRequest(f"unknown KNN index {self.index!r}; choose exact or approx")
 
 
 def log_mixture(logits: torch.Tensor, dists: np.ndarray, tokens: np.ndarray, cfg: KnnLmConfig) -> torch.Tensor:

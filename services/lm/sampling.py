@@ -1,6 +1,6 @@
 """Exact sampling: temperature / top-p decoding, and the acceptance rule that keeps drafted sampling exact.
 
-`SamplingParams.probs` is the distribution a token is drawn from: softmax(logits / T), then top-p (the smallest
+`probs` is the distribution a token is drawn from: softmax(logits / T), then top-p (the smallest
 set of most likely tokens whose mass reaches top_p, ties broken towards the lower token id), renormalised.
 Temperature 0 means greedy decoding, and then nothing here runs.
 
@@ -26,57 +26,37 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import InvalidRequest
 from services.lm.decoder import Emitted, Session
+from services.lm.types import SamplingParams
 
 NO_GAP = math.nan  # the `Emitted.gaps` entry of a sampled token
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # 0: greedy; > 0: softmax(logits / temperature)
-    top_p: float = 1.0  # nucleus: keep the smallest most-likely set with this much mass; 1: keep every token
-    seed: int | None = None  # per request: the same seed and request give the same tokens; None: not replayable
+def probs(params: SamplingParams, logits: torch.Tensor) -> torch.Tensor:
+    """The processed distribution [vocab] (float64, sums to 1) for logits [vocab]; needs temperature > 0."""
+    z = logits.double()
+    p = torch.softmax((z - z.max()) / params.temperature, -1)  # shift first: a tiny T gives -inf, never NaN
+    if params.top_p >= 1:
+        return p
+    sp, order = torch.sort(p, descending=True, stable=True)  # stable: equal masses keep token-id order
+    keep = torch.cumsum(sp, 0) - sp < params.top_p  # the mass ranked above a kept token is still short of top_p
+    out = torch.zeros_like(p)
+    out[order[keep]] = sp[keep]
+    return out / out.sum()
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
 
-    def validate(self) -> SamplingParams:
-        """Self, or InvalidRequest naming the bad value."""
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:  # NaN fails this too
-            raise InvalidRequest(f"top_p must be in (0, 1] (1 = no nucleus cut), got {self.top_p}")
-        if self.seed is not None and not 0 <= self.seed < 1 << 64:
-            raise InvalidRequest(f"seed must be an unsigned 64-bit integer, got {self.seed}")
-        return self
-
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """The processed distribution [vocab] (float64, sums to 1) for logits [vocab]; needs temperature > 0."""
-        z = logits.double()
-        p = torch.softmax((z - z.max()) / self.temperature, -1)  # shift first: a tiny T gives -inf, never NaN
-        if self.top_p >= 1:
-            return p
-        sp, order = torch.sort(p, descending=True, stable=True)  # stable: equal masses keep token-id order
-        keep = torch.cumsum(sp, 0) - sp < self.top_p  # the mass ranked above a kept token is still short of top_p
-        out = torch.zeros_like(p)
-        out[order[keep]] = sp[keep]
-        return out / out.sum()
-
-    def generator(self, position: int) -> torch.Generator:
-        """The random stream of a step whose first new token sits at `position` (= len(sequence))."""
-        g = torch.Generator()
-        if self.seed is None:
-            g.seed()
-        else:
-            digest = hashlib.blake2b(f"{self.seed}:{position}".encode(), digest_size=8).digest()
-            g.manual_seed(int.from_bytes(digest, "little"))
-        return g
+def generator(params: SamplingParams, position: int) -> torch.Generator:
+    """The random stream of a step whose first new token sits at `position` (= len(sequence))."""
+    g = torch.Generator()
+    if params.seed is None:
+        g.seed()
+    else:
+        digest = hashlib.blake2b(f"{params.seed}:{position}".encode(), digest_size=8).digest()
+        g.manual_seed(int.from_bytes(digest, "little"))
+    return g
 
 
 def acceptance(p: torch.Tensor, children: Sequence[int]) -> tuple[list[float], torch.Tensor]:
@@ -108,10 +88,10 @@ class Sampler:
     """One step's token picker: `(logits [vocab], draft children) -> (token, gap)`, like the greedy picker."""
 
     def __init__(self, params: SamplingParams, position: int) -> None:
-        self.params, self.gen = params, params.generator(position)
+        self.params, self.gen = params, generator(params, position)
 
     def __call__(self, logits: torch.Tensor, children: Sequence[int]) -> tuple[int, float]:
-        return choose(self.params.probs(logits), children, self.gen), NO_GAP
+        return choose(probs(self.params, logits), children, self.gen), NO_GAP
 
 
 def sample(session: Session, seq: Sequence[int], n: int, stop: frozenset[int], params: SamplingParams,

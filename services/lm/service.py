@@ -14,8 +14,9 @@ from ralmspec.v1 import lm_pb2 as pb
 from services.common.contracts import LM
 from services.common.errors import InvalidRequest
 from services.common.ops import ServiceDef
-from services.common.wire import sampling_from_proto, tree_from_proto, vector_bytes
+from services.common.wire import vector_bytes
 from services.lm.engine import LmEngine
+from services.lm.wire import draft_from_proto, sampling_from_proto
 
 
 def _sid(session_id: str) -> str:
@@ -33,7 +34,7 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Threa
     async def step(req: pb.StepRequest) -> pb.StepReply:
         sid = _sid(req.session_id)
         engine.session(sid)  # NOT_FOUND before queueing behind other steps
-        tree = tree_from_proto(req.draft) if req.HasField("draft") else None
+        tree = draft_from_proto(req.draft) if req.HasField("draft") else None
         sampling = sampling_from_proto(req)  # INVALID_ARGUMENT before queueing, too
         e = await asyncio.get_running_loop().run_in_executor(
             pool, engine.step, sid, list(req.tokens), req.max_new_tokens, req.stop_at_newline, req.reprefill, tree,

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from services.lm.decoder import Emitted, Session
-from services.lm.sampling import Sampler, SamplingParams, sample
+from services.lm.sampling import Sampler, sample
+from services.lm.types import SamplingParams
 
 Pick = Callable[[torch.Tensor, Sequence[int]], tuple[int, float]]  # (logits [vocab], child tokens) -> (token, gap)
 

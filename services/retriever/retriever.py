@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, Unavailable
 from services.common.layout import Layout
 from services.retriever.dense import DenseIndex, DenseParams, configure, exact_scores, load_index
 from services.retriever.encoder import Encoder
-from services.retriever.types import Hit, check_search
+from services.retriever.types import Hit, QueryKey, check_search
 
 RETRIEVERS = ("exact", "approx", "sparse")
-
-
-QueryKey = Any  # what a retriever scores a query by: a float32 [d] vector (dense) or the query text (sparse)
 
 
 class Retriever(Protocol):
@@ -65,6 +62,20 @@ class DenseRetriever:
     def search(self, queries: Sequence[str], k: int) -> list[list[Hit]]:
         check_search(queries, k)
         return self.search_embedded(self.embed(queries), k)
+
+
+def pick(retrievers: Mapping[str, Retriever], name: str) -> Retriever:
+    """The retriever `name` among those this process opened."""
+    if name not in retrievers:
+        raise Unavailable(f"this replica does not serve the {name} retriever (it serves {', '.join(retrievers)})")
+    return retrievers[name]
+
+
+def check_pids(ret: Retriever, pids: Sequence[int]) -> list[int]:
+    bad = [p for p in pids if not 0 <= p < ret.size]
+    if bad:
+        raise InvalidRequest(f"passage ids must be in 0..{ret.size - 1}; got {bad[:5]}")
+    return list(pids)
 
 
 @dataclass(frozen=True)

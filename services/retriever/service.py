@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import numpy as np
 from ralmspec.v1 import retriever_pb2 as pb
@@ -19,40 +19,15 @@ from ralmspec.v1 import retriever_pb2 as pb
 from services.common.contracts import RETRIEVER
 from services.common.errors import InvalidRequest, Unavailable
 from services.common.ops import ServiceDef
-from services.common.wire import (
-    checked_key,
-    hits_to_proto,
-    key_to_proto,
-    knn_index_name,
-    neighbours_to_proto,
-    retriever_name,
-    vector_from_bytes,
-)
-from services.datastore.knn_datastore import NOT_BUILT
-from services.lm.knn_mixing import KnnLmConfig
-from services.retriever.retriever import Retriever
-from services.retriever.types import check_search
-
-if TYPE_CHECKING:
-    from services.datastore.knn_datastore import KnnDatastore
+from services.common.wire import knn_index_name, retriever_name, vector_from_bytes
+from services.retriever.knn_index import NOT_BUILT, KnnDatastore
+from services.retriever.retriever import Retriever, check_pids, pick
+from services.retriever.types import check_knn_k, check_search
+from services.retriever.wire import checked_key, hits_to_proto, key_to_proto, neighbours_to_proto
 
 T = TypeVar("T")
 MAX_BATCH = 1024  # queries per call
 MAX_K = 1000
-
-
-def pick(retrievers: Mapping[str, Retriever], kind: int) -> Retriever:
-    name = retriever_name(kind)
-    if name not in retrievers:
-        raise Unavailable(f"this replica does not serve the {name} retriever (it serves {', '.join(retrievers)})")
-    return retrievers[name]
-
-
-def check_pids(ret: Retriever, pids: Sequence[int]) -> list[int]:
-    bad = [p for p in pids if not 0 <= p < ret.size]
-    if bad:
-        raise InvalidRequest(f"passage ids must be in 0..{ret.size - 1}; got {bad[:5]}")
-    return list(pids)
 
 
 def check_k(k: int) -> int:
@@ -80,7 +55,7 @@ def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2,
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
     async def embed(req: pb.EmbedRequest) -> pb.EmbedReply:
-        ret = pick(retrievers, req.retriever)
+        ret = pick(retrievers, retriever_name(req.retriever))
         queries = list(req.queries)
         check_search(queries, 1)
         if len(queries) > MAX_BATCH:
@@ -89,7 +64,7 @@ def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2,
         return pb.EmbedReply(keys=[key_to_proto(k) for k in keys])
 
     async def search(req: pb.SearchRequest) -> pb.SearchReply:
-        ret = pick(retrievers, req.retriever)
+        ret = pick(retrievers, retriever_name(req.retriever))
         if not req.keys:
             raise InvalidRequest("no query keys given")
         if len(req.keys) > MAX_BATCH:
@@ -101,17 +76,17 @@ def retriever_service(retrievers: Mapping[str, Retriever], threads: int = 2,
         return pb.SearchReply(results=[hits_to_proto(r) for r in rows], search_s=time.perf_counter() - t)
 
     async def score(req: pb.ScoreRequest) -> pb.ScoreReply:
-        ret = pick(retrievers, req.retriever)
+        ret = pick(retrievers, retriever_name(req.retriever))
         key = checked_key(req.key, ret.dim)
         pids = check_pids(ret, req.passage_ids)
         return pb.ScoreReply(scores=await run(lambda: ret.score(key, pids)))
 
     async def search_knn(req: pb.SearchKnnRequest) -> pb.SearchKnnReply:
         ds, q = knn_queries(knn, req.queries)
-        cfg = KnnLmConfig(k=req.k, index=knn_index_name(req.index))
-        cfg.validate()
+        index = knn_index_name(req.index)
+        check_knn_k(req.k)
         t = time.perf_counter()
-        rows = await run(lambda: ds.neighbours(q, cfg.k, cfg.index))
+        rows = await run(lambda: ds.neighbours(q, req.k, index))
         return pb.SearchKnnReply(results=[neighbours_to_proto(n) for n in rows], search_s=time.perf_counter() - t)
 
     return RETRIEVER.bind(Embed=embed, Search=search, Score=score, SearchKnn=search_knn), pool

@@ -14,7 +14,7 @@ from services.common.contracts import RETRIEVER, VERIFIER
 from services.common.errors import InvalidRequest
 from services.common.ops import ServiceDef
 from services.common.transport import StreamClient
-from services.common.wire import hits_from_proto
+from services.retriever.wire import hits_from_proto
 from services.verifier.verification import first_mismatch
 
 

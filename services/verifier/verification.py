@@ -7,13 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.retriever.types import Hit
-
-NO_DOC = -1  # a query the retriever found nothing for (BM25 with only stop words)
-
-
-def top1(hits: Sequence[Sequence[Hit]]) -> list[int]:
-    return [row[0].pid if row else NO_DOC for row in hits]
+from services.retriever.types import Hit, top1
 
 
 def first_mismatch(guesses: Sequence[int], hits: Sequence[Sequence[Hit]]) -> int | None:

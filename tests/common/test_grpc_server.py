@@ -17,10 +17,10 @@ from google.protobuf.wrappers_pb2 import StringValue
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
-from services.common.errors import InvalidRequest
+from services.common.errors import DeadlineExceeded, InvalidRequest
 from services.common.grpc_client import GrpcClient
 from services.common.grpc_server import GrpcServer, install_sigterm, start_server
-from services.common.ops import DeadlineExceeded, Operation, RemoteError, ServerStream, ServiceDef, Unary
+from services.common.ops import Operation, RemoteError, ServerStream, ServiceDef, Unary
 
 SLOW_S = 0.5  # how long Slow sleeps: long enough for stop() to begin while it runs
 

@@ -15,8 +15,8 @@ import pytest_asyncio
 import redis.asyncio as aioredis
 from google.protobuf.wrappers_pb2 import StringValue
 
-from services.common.errors import InvalidRequest, Overloaded, Unavailable
-from services.common.ops import DeadlineExceeded, Operation, RemoteError, ServiceDef
+from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
+from services.common.ops import Operation, RemoteError, ServiceDef
 from services.common.redis_server import LocalRedis
 from services.common.transport import StreamClient, StreamWorker
 

@@ -10,7 +10,7 @@ import pytest
 
 from services.common.errors import InvalidRequest
 from services.datastore.knn_cache import KnnCache
-from services.datastore.knn_datastore import KnnDatastore, exact_distances
+from services.retriever.knn_index import KnnDatastore, exact_distances
 
 
 @pytest.fixture(scope="module")

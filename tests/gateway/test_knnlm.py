@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from services.common.errors import InvalidRequest
 from services.gateway.knn_generation import KnnRequest
 from services.gateway.speculation import PRESETS, SpecConfig
-from services.lm.knn_mixing import KnnLmConfig, next_token
+from services.lm.knn_mixing import next_token
+from services.lm.types import KnnLmConfig
 
 TOKENS = 16
 
@@ -63,8 +64,11 @@ def test_property_speculation_never_changes_tokens(knn, prompts, baseline, same_
         spec = SpecConfig(stride=stride, prefetch=prefetch, os3=os3, asynchronous=asynchronous)
         got = knn.speculate(prompts[pi], KnnRequest(TOKENS, knn=KnnLmConfig(k=k, lam=lam, index=index)), spec)
         same_tokens(baseline(pi, k, lam, index), got, f"knnlm {index} prompt {pi} k={k} λ={lam} {spec}")
+        rollbacks.append(got.stats["rollbacks"])
 
+    rollbacks: list[int] = []
     prop()
+    assert sum(rollbacks) > 0, "no example rolled back: the equivalence was never checked across a repair"
 
 
 def test_streamed_tokens_are_verified_tokens(knn, prompts, baseline, same_tokens):

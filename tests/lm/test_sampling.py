@@ -22,15 +22,16 @@ import services.lm.sampling as sampling
 from services.common.contracts import LM
 from services.common.errors import InvalidRequest
 from services.common.grpc_server import start_server
-from services.common.wire import sampling_from_proto, sampling_to_proto
 from services.datastore.draft_tree import DraftTree
 from services.gateway.backends import Backends, drafted_decode
 from services.lm.decoder import Session
 from services.lm.engine import LmEngine, StopSets
 from services.lm.model import LoadedLM
-from services.lm.sampling import SamplingParams, acceptance, choose, sample
+from services.lm.sampling import acceptance, choose, probs, sample
 from services.lm.service import lm_service
 from services.lm.tree_attention import tree_step
+from services.lm.types import SamplingParams
+from services.lm.wire import sampling_from_proto, sampling_to_proto
 
 V = 12  # tiny vocabulary: the 3-token continuations can be enumerated
 CTX = [1, 2, 3, 4]
@@ -67,11 +68,11 @@ def engine(lm: LoadedLM) -> LmEngine:
 
 def test_temperature() -> None:
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
-    torch.testing.assert_close(SamplingParams(1.0).probs(logits), torch.softmax(logits.double(), -1))
-    torch.testing.assert_close(SamplingParams(0.5).probs(logits), torch.softmax(2 * logits.double(), -1))
-    hot = SamplingParams(1e6).probs(logits)
+    torch.testing.assert_close(probs(SamplingParams(1.0), logits), torch.softmax(logits.double(), -1))
+    torch.testing.assert_close(probs(SamplingParams(0.5), logits), torch.softmax(2 * logits.double(), -1))
+    hot = probs(SamplingParams(1e6), logits)
     torch.testing.assert_close(hot, torch.full((4,), 0.25, dtype=torch.float64), atol=1e-5, rtol=0)
-    cold = SamplingParams(1e-300).probs(torch.tensor([0.0, 3.0, 3.0, -math.inf]))  # no NaN; ties share
+    cold = probs(SamplingParams(1e-300), torch.tensor([0.0, 3.0, 3.0, -math.inf]))  # no NaN; ties share
     assert cold.tolist() == [0.0, 0.5, 0.5, 0.0]
     assert SamplingParams().greedy and not SamplingParams(0.1).greedy
 
@@ -79,16 +80,16 @@ def test_temperature() -> None:
 def test_top_p() -> None:
     p = torch.tensor([0.1, 0.5, 0.25, 0.15], dtype=torch.float64)
     logits = p.log().float()
-    cut = lambda top_p: SamplingParams(1.0, top_p).probs(logits).tolist()  # noqa: E731
+    cut = lambda top_p: probs(SamplingParams(1.0, top_p), logits).tolist()  # noqa: E731
     assert cut(1.0) == pytest.approx(p.tolist())
     assert cut(0.4) == pytest.approx([0, 1, 0, 0])  # the top token alone reaches 0.4
     assert cut(1e-9) == pytest.approx([0, 1, 0, 0])
     assert cut(0.6) == pytest.approx([0, 0.5 / 0.75, 0.25 / 0.75, 0])  # smallest set with mass >= 0.6
     assert cut(0.85) == pytest.approx([0, 0.5 / 0.9, 0.25 / 0.9, 0.15 / 0.9])
     assert cut(0.95) == pytest.approx(p.tolist())
-    ties = SamplingParams(1.0, 0.3).probs(torch.zeros(4)).tolist()
+    ties = probs(SamplingParams(1.0, 0.3), torch.zeros(4)).tolist()
     assert ties == [0.5, 0.5, 0.0, 0.0]  # equal masses: the lower token ids are kept, deterministically
-    hot = SamplingParams(4.0, 0.6).probs(logits)  # temperature first, then the cut on the flattened distribution
+    hot = probs(SamplingParams(4.0, 0.6), logits)  # temperature first, then the cut on the flattened distribution
     assert (hot > 0).sum() == 3 and float(hot.sum()) == pytest.approx(1.0)
 
 
@@ -153,7 +154,7 @@ def exact(lm: LoadedLM, params: SamplingParams) -> tuple[Probs, Probs]:
     for _ in range(LENGTH):
         grown: Probs = {}
         for prefix, mass in full.items():
-            p = params.probs(s.logits_after(CTX + list(prefix))).tolist()
+            p = probs(params, s.logits_after(CTX + list(prefix))).tolist()
             for t, q in enumerate(p):
                 if q > 0:
                     grown[prefix + (t,)] = mass * q

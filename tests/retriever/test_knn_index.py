@@ -15,9 +15,10 @@ import torch
 import transformers
 
 from services.common.errors import InvalidRequest, Unavailable
-from services.datastore import knn_datastore
-from services.datastore.knn_datastore import FORMAT_VERSION, KnnDatastore, build, exact_distances
 from services.lm.model import LoadedLM
+from services.retriever import knn_build
+from services.retriever.knn_build import build
+from services.retriever.knn_index import FORMAT_VERSION, KnnDatastore, exact_distances
 
 VOCAB = 97
 
@@ -213,7 +214,7 @@ def test_ivf_returns_valid_neighbours(built, store):
 
 def test_resume_after_interruption_equals_one_build(model, built, tmp_path, monkeypatch):
     folder, texts, _ = built
-    real = knn_datastore._hidden_states
+    real = knn_build._hidden_states
     calls = []
 
     def interrupted(m, ids):
@@ -222,7 +223,7 @@ def test_resume_after_interruption_equals_one_build(model, built, tmp_path, monk
             raise KeyboardInterrupt
         return real(m, ids)
 
-    monkeypatch.setattr(knn_datastore, "_hidden_states", interrupted)
+    monkeypatch.setattr(knn_build, "_hidden_states", interrupted)
     out = tmp_path / "knn"
     with pytest.raises(KeyboardInterrupt):
         build((model, WordTokenizer()), texts, out, batch_tokens=64, max_len=24, progress=False)
@@ -230,7 +231,7 @@ def test_resume_after_interruption_equals_one_build(model, built, tmp_path, monk
     assert json.loads((out / "progress.json").read_text())["batches_done"] == 2
     with pytest.raises(Unavailable, match="incomplete"):
         KnnDatastore.load(out)
-    monkeypatch.setattr(knn_datastore, "_hidden_states", real)
+    monkeypatch.setattr(knn_build, "_hidden_states", real)
     lm = LoadedLM("tiny", model, WordTokenizer(), torch.device("cpu"), torch.float32)
     stats = build((model, WordTokenizer()), texts, out, batch_tokens=64, max_len=24, progress=False)
     assert stats["resumed_from"] > 0 and not (out / "progress.json").exists()
