@@ -65,9 +65,10 @@ def _knn(args: argparse.Namespace) -> int:
         raise InvalidRequest("the prompt is empty")
     req = KnnRequest(args.max_new_tokens, knn=KnnLmConfig(k=args.k, lam=args.lam, temperature=args.temperature,
                                                           index=args.index))
-    req.validate()  # before loading anything
+    spec = PRESETS[args.speculate] if args.speculate else None
+    req.validate(spec)  # before loading anything
     knn = open_knnlm(GatewaySettings.from_env(profile=args.profile, model=args.model))
-    res = knn.speculate(args.prompt, req, PRESETS[args.speculate]) if args.speculate else knn.generate(args.prompt, req)
+    res = knn.speculate(args.prompt, req, spec) if spec else knn.generate(args.prompt, req)
     return _report(res, args.json, {"text": res.text}, [f"{args.prompt}{res.text}"],
                    f"{len(res.tokens)} tokens, datastore search", ("retrieval_calls", "searches"))
 

@@ -34,9 +34,9 @@ def test_ask_is_deterministic_across_processes():
 @pytest.mark.parametrize("args,message", [
     (["ask", "   "], "question is empty"),
     (["ask", "x", "--retriever", "bogus"], "invalid choice: 'bogus'"),
-    (["ask", "x", "--stride", "0"], "stride must be positive"),
-    (["ask", "word " * 1900], "characters long"),
-    (["ask", "Who?", "--max-new-tokens", "1900"], "over the limit"),
+    (["ask", "x", "--stride", "0"], "stride must be in 1..64, got 0"),
+    (["ask", "word " * 1900], "question length must be in 1..2000 characters, got 9499"),
+    (["ask", "Who?", "--max-new-tokens", "1900"], "max_new_tokens must be in 1..1024, got 1900"),
     (["knn", "  "], "prompt is empty"),
     (["knn", "The", "--lam", "2"], "lambda"),
     (["knn", "The", "--k", "0"], "neighbours per token"),

@@ -16,17 +16,16 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from services.common.bounds import Bound
 from services.common.errors import InvalidRequest
 from services.retriever.knn_index import U32, KnnDatastore, exact_distances, rank
 from services.retriever.types import Neighbours
 
-MAX_SUCCESSORS = 64  # entries cached after each verified neighbour (the paper's n is 10)
+SUCCESSORS = Bound(1, 64)  # entries cached after each verified neighbour (the paper's n is 10)
 
 
 def check_successors(n: int) -> int:
-    if not 1 <= n <= MAX_SUCCESSORS:
-        raise InvalidRequest(f"successors must be in 1..{MAX_SUCCESSORS}, got {n}")
-    return n
+    return SUCCESSORS.check("successors", n)
 
 
 class KnnCache:

@@ -27,7 +27,7 @@ import torch
 
 from services.common.errors import InvalidRequest
 from services.datastore.knn_cache import check_successors
-from services.gateway.ralm import Emit, RalmResult
+from services.gateway.ralm import DEADLINE_S, MAX_NEW_TOKENS, Emit, RalmResult, deadline_clock
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
 from services.lm.engine import StopSets
 from services.lm.knn_mixing import next_token
@@ -80,18 +80,38 @@ def local_knn_backends(lm: KnnLmBackend, datastore: KnnDatastore) -> KnnBackends
     return KnnBackends(lm, datastore, datastore, lambda: LocalCache(datastore))
 
 
+# Datastore entries one verified token may add to its request's cache (k neighbours x successors each; the
+# defaults 1024 x 10 = 10240). An entry costs its key (d float32: 2.3 KB at d = 576) and a scan in every later
+# lookup; a verification of up to 16 tokens at the limit caches <= 262k entries (~600 MB), at 4096 x 64 it was
+# up to 4.2M (~9.7 GB). Measured on tiny (40k entries, which caps the cache): inserting a 3-token verification at
+# 16384 per token took ~0.2 s, then a lookup 8-15 ms.
+MAX_CACHED_PER_TOKEN = 16_384
+
+
 @dataclass(frozen=True)
 class KnnRequest:
     max_new_tokens: int = 64
     stop_at_newline: bool = False  # language modelling: only EOS stops
     knn: KnnLmConfig = KnnLmConfig()
     successors: int = 10  # entries cached after each verified neighbour with prefetch (the paper's n)
+    deadline_s: float | None = None  # give up (DEADLINE_EXCEEDED) when a request runs longer than this
 
-    def validate(self) -> None:
+    def validate(self, spec: SpecConfig | None = None) -> None:
+        """The request's rules; with `spec` (speculation) its cache's cost too."""
         self.knn.validate()
-        if self.max_new_tokens <= 0:
-            raise InvalidRequest(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        MAX_NEW_TOKENS.check("max_new_tokens", self.max_new_tokens)
         check_successors(self.successors)
+        if self.deadline_s is not None:
+            DEADLINE_S.check("deadline_s", self.deadline_s)
+        if spec is not None and self.knn.k * self.cached_successors(spec) > MAX_CACHED_PER_TOKEN:
+            raise InvalidRequest(
+                f"knn.k x knn.successors = {self.knn.k} x {self.successors} = {self.knn.k * self.successors} "
+                f"datastore entries cached per verified token; the limit is {MAX_CACHED_PER_TOKEN}: lower k or "
+                "successors (successors apply with speculation.prefetch)")
+
+    def cached_successors(self, spec: SpecConfig) -> int:
+        """Entries cached after each verified neighbour: `successors` with prefetch (+P), else the next one."""
+        return self.successors if spec.prefetch else 1
 
 
 @dataclass
@@ -132,14 +152,17 @@ class KnnLmEngine:
     def generate(self, prompt: str, req: KnnRequest, emit: Emit | None = None) -> RalmResult:
         """The baseline: one real search per token (`emit` gets each token as it is decided)."""
         req.validate()
+        on_time = deadline_clock(req.deadline_s)
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         stops = self.stop_sets.get(req.stop_at_newline)
         lm, knn = self.backends.lm, req.knn
         res = RalmResult([], "", [], [])
+        on_time()  # a deadline already past opens no session
         sid = lm.open()
         try:
             while len(res.tokens) < req.max_new_tokens and not (res.tokens and res.tokens[-1] in stops):
+                on_time()
                 t = time.perf_counter()
                 hidden, logits = lm.state(sid, prompt_ids + res.tokens)
                 t1 = time.perf_counter()
@@ -159,16 +182,18 @@ class KnnLmEngine:
 
     def speculate(self, prompt: str, req: KnnRequest, spec: SpecConfig, emit: Emit | None = None) -> RalmResult:
         """RaLMSpec for KNN-LM: the same tokens as `generate`, with batched verification of cached guesses."""
-        req.validate()
+        req.validate(spec)
         spec.validate()
+        on_time = deadline_clock(req.deadline_s)
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         res = RalmResult([], "", [], [])
+        on_time()  # a deadline already past opens no session and takes no first step
         sid = self.backends.lm.open()
         cache = self.backends.caches()
         try:
-            steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.successors if spec.prefetch else 1, res)
-            out = SpeculationLoop(steps, spec, self._pool, emit=emit).run()
+            steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.cached_successors(spec), res)
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
         finally:
             cache.close()
             self.backends.lm.close(sid)

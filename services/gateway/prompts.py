@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from services.common.bounds import Bound
 from services.common.errors import InvalidRequest
 
-MAX_QUESTION_CHARS = 2000
+QUESTION_CHARS = Bound(1, 2000, unit=" characters")
 
 # Two fixed shots (not from the evaluation set) teach the short-answer format and the newline stop.
 QA_PREFIX = (
@@ -18,6 +19,5 @@ def qa_prompt(question: str) -> str:
     q = question.strip() if isinstance(question, str) else ""
     if not q:
         raise InvalidRequest("the question is empty: ask something, e.g. 'Who wrote Hamlet?'")
-    if len(q) > MAX_QUESTION_CHARS:
-        raise InvalidRequest(f"the question is {len(q)} characters long; the limit is {MAX_QUESTION_CHARS}")
+    QUESTION_CHARS.check("question length", len(q))
     return f"{QA_PREFIX}Question: {q}\nAnswer:"

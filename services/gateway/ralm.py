@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from services.common.bounds import Bound
 from services.common.errors import DeadlineExceeded, InvalidRequest
 from services.datastore.proposers import DRAFTS
 from services.gateway.backends import Backends, drafted_decode
@@ -27,6 +28,25 @@ from services.retriever.retriever import Retriever
 from services.retriever.types import NO_DOC
 
 MODES = ("paper", "kv-reuse", "no-retrieval", "lm-only")
+MAX_NEW_TOKENS = Bound(1, 1024)
+STRIDE = Bound(1, 64)  # tokens per retrieval
+QUERY_TOKENS = Bound(1, 256)
+DRAFT_BUDGET = Bound(1, 256)  # draft tree nodes per forward
+DEADLINE_S = Bound(0, 86_400, lo_open=True, unit=" s")
+
+
+def deadline_clock(deadline_s: float | None) -> Callable[[], None]:
+    """A check to call before any work and between steps: raises DeadlineExceeded once `deadline_s` seconds have
+    passed since this call (None: never)."""
+    if deadline_s is None:
+        return lambda: None
+    end = time.monotonic() + deadline_s
+
+    def check() -> None:
+        if time.monotonic() > end:
+            raise DeadlineExceeded(f"the request ran past its {deadline_s:g} s deadline")
+
+    return check
 
 
 @dataclass(frozen=True)
@@ -45,29 +65,20 @@ class RalmConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"unknown mode {self.mode!r}; choose one of: {', '.join(MODES)}")
-        for name in ("stride", "query_tokens", "doc_tokens", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise InvalidRequest(f"{name} must be positive, got {getattr(self, name)}")
+        for name, bound in (("stride", STRIDE), ("query_tokens", QUERY_TOKENS), ("max_new_tokens", MAX_NEW_TOKENS),
+                            ("draft_budget", DRAFT_BUDGET)):
+            bound.check(name, getattr(self, name))
+        if self.doc_tokens <= 0:
+            raise InvalidRequest(f"doc_tokens must be positive, got {self.doc_tokens}")
         if self.draft not in DRAFTS:
             raise InvalidRequest(f"unknown draft source {self.draft!r}; choose one of: {', '.join(DRAFTS)}")
         if self.draft != "none" and self.mode == "paper":
             raise InvalidRequest("drafting extends the KV cache; the paper baseline re-prefills every stride")
-        if not 1 <= self.draft_budget <= 256:
-            raise InvalidRequest(f"draft_budget must be in 1..256, got {self.draft_budget}")
-        if self.deadline_s is not None and self.deadline_s <= 0:
-            raise InvalidRequest(f"deadline_s must be positive, got {self.deadline_s}")
+        if self.deadline_s is not None:
+            DEADLINE_S.check("deadline_s", self.deadline_s)
 
     def clock(self) -> Callable[[], None]:
-        """A check to call between strides: raises DeadlineExceeded once the request's deadline has passed."""
-        if self.deadline_s is None:
-            return lambda: None
-        end = time.monotonic() + self.deadline_s
-
-        def check() -> None:
-            if time.monotonic() > end:
-                raise DeadlineExceeded(f"the request ran past its {self.deadline_s:g} s deadline")
-
-        return check
+        return deadline_clock(self.deadline_s)
 
 
 @dataclass
@@ -150,6 +161,7 @@ class RalmEngine:
         """One request. `schedule` (lm-only) gives the document of every stride in advance; `emit` receives
         each stride's tokens as they are decided (streaming)."""
         cfg.validate()
+        on_time = cfg.clock()
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         self.check_prompt(prompt_ids, cfg)
@@ -157,7 +169,7 @@ class RalmEngine:
         if cfg.mode == "lm-only" and schedule is None:
             raise InvalidRequest("lm-only needs the documents in advance (a schedule from a previous run)")
         lm = self.backends.lm
-        on_time = cfg.clock()
+        on_time()  # a deadline already past opens no session
         sid = lm.open()
         try:
             res = RalmResult([], "", [], [])

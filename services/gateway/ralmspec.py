@@ -86,17 +86,19 @@ class SpeculativeRalm:
         """One request; `emit` receives tokens once verified (never tokens built on an unverified guess)."""
         cfg.validate()
         spec.validate()
+        on_time = cfg.clock()
         eng = self.engine
         t0 = time.perf_counter()
         prompt_ids = eng.encode(prompt)
         eng.check_prompt(prompt_ids, cfg)
         ret = eng.retriever(retriever)
+        on_time()  # a deadline already past opens no session and takes no first step
         sid = eng.backends.lm.open()
         cache = eng.backends.caches.open(retriever)
         res = RalmResult([], "", [], [])
         try:
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res)
-            out = SpeculationLoop(steps, spec, self._pool, cfg.clock(), emit).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
         finally:
             cache.close()
             eng.backends.lm.close(sid)

@@ -25,8 +25,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from services.common.bounds import Bound
 from services.common.errors import InvalidRequest
 from services.gateway.os3 import OS3, OS3Config
+from services.retriever.types import PASSAGE_K
 
 K = TypeVar("K")  # a step's query key
 G = TypeVar("G")  # a guess (what the cache returned), or the truth in the same form
@@ -45,10 +47,8 @@ class SpecConfig:
     max_stride: int = 16
 
     def validate(self) -> None:
-        if not 1 <= self.stride <= self.max_stride:
-            raise InvalidRequest(f"speculation stride must be in 1..{self.max_stride}, got {self.stride}")
-        if self.prefetch_k <= 0:
-            raise InvalidRequest(f"prefetch k must be positive, got {self.prefetch_k}")
+        Bound(1, self.max_stride).check("speculation stride", self.stride)
+        PASSAGE_K.check("prefetch_k", self.prefetch_k)  # the verifier's search depth
         if not 0.0 < self.gamma_cap < 1.0:
             raise InvalidRequest(f"gamma cap must be in (0, 1), got {self.gamma_cap}")
 

@@ -7,8 +7,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from services.common.bounds import Bound
 from services.common.errors import InvalidRequest
 from services.retriever.types import check_knn_index, check_knn_k
+
+KNN_LAM = Bound(0.0, 1.0)  # λ, the weight of p_kNN
+# The softmax over -d/T: on tiny the k = 1024 neighbours' squared distances d lie in ~300-2200 (gap between the
+# first two ~20), so at T = 1e-3 p_kNN is all on the nearest neighbour and at 1e3 within ~2x of uniform. Beyond,
+# only the arithmetic changes: a subnormal T makes every -d/T = -inf and p_kNN NaN.
+KNN_TEMPERATURE = Bound(1e-3, 1e3)
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,8 @@ class KnnLmConfig:
 
     def validate(self) -> None:
         check_knn_k(self.k)
-        if not 0.0 <= self.lam <= 1.0:
-            raise InvalidRequest(f"lambda (the kNN weight) must be in [0, 1], got {self.lam}")
-        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
-            raise InvalidRequest(f"the kNN temperature must be positive, got {self.temperature}")
+        KNN_LAM.check("lambda (the kNN weight)", self.lam)
+        KNN_TEMPERATURE.check("the kNN temperature", self.temperature)
         check_knn_index(self.index)
 
 

@@ -22,18 +22,15 @@ from services.common.ops import ServiceDef
 from services.common.wire import knn_index_name, retriever_name, vector_from_bytes
 from services.retriever.knn_index import NOT_BUILT, KnnDatastore
 from services.retriever.retriever import Retriever, check_pids, pick
-from services.retriever.types import check_knn_k, check_search
+from services.retriever.types import PASSAGE_K, check_knn_k, check_search
 from services.retriever.wire import checked_key, hits_to_proto, key_to_proto, neighbours_to_proto
 
 T = TypeVar("T")
 MAX_BATCH = 1024  # queries per call
-MAX_K = 1000
 
 
 def check_k(k: int) -> int:
-    if not 0 < k <= MAX_K:
-        raise InvalidRequest(f"k must be in 1..{MAX_K}, got {k}")
-    return k
+    return PASSAGE_K.check("k", k)
 
 
 def knn_queries(ds: KnnDatastore | None, queries: Sequence[bytes]) -> tuple[KnnDatastore, np.ndarray]:

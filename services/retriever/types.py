@@ -8,12 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from services.common.bounds import Bound
 from services.common.errors import InvalidRequest
 
 QueryKey = Any  # what a retriever scores a query by: a float32 [d] vector (dense) or the query text (sparse)
 NO_DOC = -1  # a query the retriever found nothing for (BM25 with only stop words)
 KNN_INDEXES = ("exact", "approx")  # KNN-LM datastore indexes: FAISS flat L2 | IVF
 MAX_KNN_K = 4096  # neighbours per KNN query
+KNN_K = Bound(1, MAX_KNN_K)  # neighbours per KNN query
+PASSAGE_K = Bound(1, 1000)  # passages per query a search returns (also the depth of RaLMSpec's prefetch)
 
 
 @dataclass(frozen=True, order=True)
@@ -57,8 +60,7 @@ def check_search(queries: Sequence[str], k: int) -> None:
 
 def check_knn_k(k: int) -> None:
     """The rule on k of a KNN-LM datastore search (the retriever's, the caches' and KnnLmConfig's)."""
-    if not 1 <= k <= MAX_KNN_K:
-        raise InvalidRequest(f"k (neighbours per token) must be in 1..{MAX_KNN_K}, got {k}")
+    KNN_K.check("k (neighbours per token)", k)
 
 
 def check_knn_index(index: str) -> None:

@@ -147,21 +147,30 @@ def test_generate_stream_sends_the_reply_in_verified_pieces(stub, questions):
     (pb.GenerateRequest(question="   "), "the question is empty"),
     (pb.GenerateRequest(prompt=""), "the prompt is empty"),
     (pb.GenerateRequest(question="Who?", max_new_tokens=0), "max_new_tokens must be in 1..1024, got 0"),
-    (pb.GenerateRequest(question="Who?", speculation=spec(stride=99)), "speculation stride must be in 1..16"),
-    (pb.GenerateRequest(question="Who?", speculation=spec(prefetch_k=-1)), "prefetch k must be positive"),
+    (pb.GenerateRequest(question="Who?", speculation=spec(stride=99)), "speculation.stride must be in 1..16, got 99"),
+    (pb.GenerateRequest(question="Who?", speculation=spec(prefetch_k=-1)), "speculation.prefetch_k must be in 1..1000"),
+    (pb.GenerateRequest(question="Who?", speculation=spec(prefetch=True, prefetch_k=1001)),
+     "speculation.prefetch_k must be in 1..1000, got 1001"),
     (pb.GenerateRequest(question="Who?", retriever=7), "unknown retriever kind 7"),
     (pb.GenerateRequest(question="Who?", mode=9), "unknown mode 9"),
-    (pb.GenerateRequest(prompt="word " * 5000), "the prompt is 25000 characters"),
+    (pb.GenerateRequest(prompt="word " * 5000), "prompt length must be in 1..20000 characters, got 25000"),
+    (pb.GenerateRequest(question="Who? " * 500), "question length must be in 1..2000 characters, got 2499"),
     (pb.GenerateRequest(prompt="word " * 3000, max_new_tokens=8), "over the limit"),
     (pb.GenerateRequest(question="Who?", deadline_s=-1), "deadline_s must be in (0, 86400]"),
+    (pb.GenerateRequest(question="Who?", deadline_s=float("nan")), "deadline_s must be in (0, 86400] s, got nan"),
     (pb.GenerateRequest(question="Who?", draft=9), "unknown draft source 9"),
     (pb.GenerateRequest(question="Who?", draft=cpb.DRAFT_SOURCE_REST, draft_budget=0),
      "draft_budget must be in 1..256"),
     (pb.GenerateRequest(question="Who?", draft=cpb.DRAFT_SOURCE_REST, mode=pb.MODE_BASELINE_PAPER),
      "the paper baseline re-prefills"),
-    (pb.GenerateRequest(prompt="The", knn=pb.Knn(k=0)), "k (neighbours per token) must be in 1..4096, got 0"),
-    (pb.GenerateRequest(prompt="The", knn=pb.Knn(lam=1.5)), "lambda (the kNN weight) must be in [0, 1]"),
-    (pb.GenerateRequest(prompt="The", knn=pb.Knn(temperature=-1)), "the kNN temperature must be positive"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(k=0)), "knn.k must be in 1..4096, got 0"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(lam=1.5)), "knn.lam must be in [0, 1], got 1.5"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(lam=float("nan"))), "knn.lam must be in [0, 1], got nan"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(temperature=-1)), "knn.temperature must be in [0.001, 1000]"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(temperature=5e-324)),
+     "knn.temperature must be in [0.001, 1000], got 5e-324"),
+    (pb.GenerateRequest(prompt="The", knn=pb.Knn(k=4096, successors=64)),
+     "knn.k x knn.successors = 4096 x 64 = 262144 datastore entries cached per verified token; the limit is 16384"),
     (pb.GenerateRequest(prompt="The", knn=pb.Knn(index=7)), "unknown KNN index 7"),
     (pb.GenerateRequest(prompt="The", knn=pb.Knn(successors=0)), "successors must be in 1..64"),
     (pb.GenerateRequest(prompt="The", knn=pb.Knn(), retriever=SPARSE), "retriever do not apply to KNN-LM"),
@@ -180,6 +189,48 @@ def test_a_request_past_its_deadline_is_deadline_exceeded(stub):
     with pytest.raises(grpc.RpcError) as e:
         stub.Generate(req, timeout=120)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "0.5 s deadline" in e.value.details()
+
+
+@pytest.mark.parametrize("req", [
+    pb.GenerateRequest(question="Who wrote Hamlet?", mode=pb.MODE_BASELINE_PAPER),
+    pb.GenerateRequest(question="Who wrote Hamlet?", mode=pb.MODE_BASELINE_KV, draft=cpb.DRAFT_SOURCE_BOTH),
+    pb.GenerateRequest(question="Who wrote Hamlet?", mode=pb.MODE_RALMSPEC),
+    pb.GenerateRequest(prompt="The history of", mode=pb.MODE_BASELINE_KV, knn=pb.Knn()),
+    pb.GenerateRequest(prompt="The history of", mode=pb.MODE_RALMSPEC, knn=pb.Knn()),
+], ids=["paper", "kv drafting", "ralmspec", "knn-lm", "knn-lm ralmspec"])
+def test_a_deadline_already_past_is_answered_before_any_work(stub, req):
+    # tests/gateway/test_api.py shows no LM call is made, in process; here: the status, at once, through the pipeline
+    past = pb.GenerateRequest(deadline_s=1e-9, max_new_tokens=400)
+    past.MergeFrom(req)
+    req = past
+    for call in (lambda: stub.Generate(req, timeout=60), lambda: list(stub.GenerateStream(req, timeout=60))):
+        t = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            call()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "1e-09 s deadline" in e.value.details()
+        assert time.monotonic() - t < 5  # 400 tokens would take a minute
+
+
+NOT_PROTOBUF = (b"\xff\xff\xff", b"\x0a\x02\xff\xfe")  # corrupt wire format; a string field that is not UTF-8
+
+
+def test_a_body_that_is_not_protobuf_is_invalid_argument_without_a_traceback(cluster, channel):
+    children = {c.service: c for c in cluster.children}  # the gateway and one LM replica
+    logged = {s: children[s].log.stat().st_size for s in ("gateway", "lm")}
+    with grpc.insecure_channel(f"127.0.0.1:{children['lm'].port}") as lm:
+        calls = [(channel.unary_unary("/ralmspec.v1.GatewayService/Generate"), "GenerateRequest", False),
+                 (channel.unary_stream("/ralmspec.v1.GatewayService/GenerateStream"), "GenerateRequest", True),
+                 (lm.unary_unary("/ralmspec.v1.LmService/Step"), "StepRequest", False)]  # identity serializers
+        for rpc, message, streaming in calls:
+            for body in NOT_PROTOBUF:
+                with pytest.raises(grpc.RpcError) as e:
+                    list(rpc(body, timeout=30)) if streaming else rpc(body, timeout=30)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (message, body, e.value)
+                assert f"is not a valid ralmspec.v1.{message} message" in e.value.details()
+    for service, size in logged.items():
+        with open(children[service].log, "rb") as f:
+            f.seek(size)
+            assert b"Traceback" not in f.read(), f"{service} logged a traceback for a bad request body"
 
 
 def test_backend_services_validate_too(cluster):

@@ -65,7 +65,7 @@ def test_bad_input_gets_a_clear_error(engine):
         engine.generate(qa_prompt("Who?"), RalmConfig(), "bogus")
     with pytest.raises(InvalidRequest, match="over the limit"):
         engine.generate("word " * 3000, RalmConfig(), "exact")
-    with pytest.raises(InvalidRequest, match="stride must be positive"):
+    with pytest.raises(InvalidRequest, match=r"stride must be in 1\.\.64, got 0"):
         engine.generate(qa_prompt("Who?"), RalmConfig(stride=0), "exact")
     with pytest.raises(InvalidRequest, match="unknown mode"):
         engine.generate(qa_prompt("Who?"), RalmConfig(mode="fast"), "exact")

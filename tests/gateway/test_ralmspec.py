@@ -87,7 +87,7 @@ def test_prefetch_fills_the_cache_and_raises_accuracy(spec, questions):
 def test_bad_switches_get_clear_errors(spec):
     with pytest.raises(InvalidRequest, match="speculation stride must be in 1..16"):
         spec.generate(qa_prompt("Who?"), RalmConfig(), SpecConfig(stride=0), "exact")
-    with pytest.raises(InvalidRequest, match="prefetch k must be positive"):
+    with pytest.raises(InvalidRequest, match=r"prefetch_k must be in 1\.\.1000, got 0"):
         spec.generate(qa_prompt("Who?"), RalmConfig(), SpecConfig(prefetch_k=0), "exact")
     with pytest.raises(InvalidRequest, match="unknown retriever"):
         spec.generate(qa_prompt("Who?"), RalmConfig(), SpecConfig(), "nope")
