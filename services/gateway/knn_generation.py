@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -189,14 +190,13 @@ class KnnLmEngine:
         prompt_ids = self.encode(prompt)
         res = RalmResult([], "", [], [])
         on_time()  # a deadline already past opens no session and takes no first step
-        sid = self.backends.lm.open()
-        cache = self.backends.caches()
-        try:
+        with ExitStack() as opened:  # whatever opened is closed, also when a later open fails
+            sid = self.backends.lm.open()
+            opened.callback(self.backends.lm.close, sid)
+            cache = self.backends.caches()
+            opened.callback(cache.close)
             steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.cached_successors(spec), res)
             out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
-        finally:
-            cache.close()
-            self.backends.lm.close(sid)
         res.tokens, res.gaps = out.tokens, out.gaps
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals
         res.stats.update(out.stats)

@@ -11,6 +11,7 @@ iterative RaLM's (`ralm.py`, kv-reuse).
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,15 +94,14 @@ class SpeculativeRalm:
         eng.check_prompt(prompt_ids, cfg)
         ret = eng.retriever(retriever)
         on_time()  # a deadline already past opens no session and takes no first step
-        sid = eng.backends.lm.open()
-        cache = eng.backends.caches.open(retriever)
         res = RalmResult([], "", [], [])
-        try:
+        with ExitStack() as opened:  # whatever opened is closed, also when a later open fails
+            sid = eng.backends.lm.open()
+            opened.callback(eng.backends.lm.close, sid)
+            cache = eng.backends.caches.open(retriever)
+            opened.callback(cache.close)
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res)
             out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
-        finally:
-            cache.close()
-            eng.backends.lm.close(sid)
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals

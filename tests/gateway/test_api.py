@@ -15,7 +15,7 @@ from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
 
 from services.common.bounds import Bound
-from services.common.errors import DeadlineExceeded, InvalidRequest
+from services.common.errors import DeadlineExceeded, InvalidRequest, Unavailable
 from services.gateway.api import LIMITS, to_request
 from services.gateway.knn_generation import MAX_CACHED_PER_TOKEN
 from services.lm.knn_mixing import next_token
@@ -156,3 +156,30 @@ def test_a_deadline_already_past_does_no_lm_work_in_any_mode(engine, knn, mode):
     with pytest.raises(DeadlineExceeded, match="ran past its 1e-09 s deadline"):
         Controller(ralm, verify_workers=1, knn=knnlm).run(to_request(DEADLINE_CASES[mode]))
     assert lm.calls == []  # not even a session opened
+
+
+class FailingCaches:
+    """A speculation-cache backend whose open fails (a datastore replica down), for both cache kinds."""
+
+    def open(self, *args: Any) -> Any:
+        raise Unavailable("the datastore is down")
+
+    __call__ = open
+
+
+@pytest.mark.parametrize("mode", ["ralmspec", "knn-lm ralmspec"])
+def test_a_failed_cache_open_closes_the_lm_session(engine, knn, mode):
+    from services.gateway.controller import Controller
+    from services.gateway.knn_generation import KnnLmEngine
+    from services.gateway.ralm import RalmEngine
+
+    lm = CountingLm(engine.backends.lm)
+    ralm = RalmEngine(engine.tok, engine.max_positions, engine.docs,
+                      replace(engine.backends, lm=lm, caches=FailingCaches()), engine.stop_sets)
+    knnlm = KnnLmEngine(engine.tok, replace(knn.backends, lm=lm, caches=FailingCaches()), stops=engine.stop_sets)
+    msg = pb.GenerateRequest()
+    msg.CopyFrom(DEADLINE_CASES[mode])
+    msg.ClearField("deadline_s")
+    with pytest.raises(Unavailable, match="the datastore is down"):
+        Controller(ralm, verify_workers=1, knn=knnlm).run(to_request(msg))
+    assert lm.calls == ["open", "close"]  # the session did not leak
