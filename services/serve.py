@@ -63,13 +63,13 @@ def _closer(*pools: ThreadPoolExecutor) -> Callable[[], Awaitable[None]]:
 
 
 async def serve_lm(engine: GatewaySettings, s: ServeSettings) -> None:
-    from services.lm.engine import LmEngine
+    from services.lm.engine import LmEngine, LmSettings
     from services.lm.model import load
     from services.lm.service import lm_service
 
     if engine.threads > 0:
         torch.set_num_threads(engine.threads)
-    lm = LmEngine(load(engine.model, engine.layout.models, engine.device, engine.dtype))
+    lm = LmEngine(load(engine.model, engine.layout.models, engine.device, engine.dtype), settings=LmSettings.from_env())
     service, pool = lm_service(lm, s.own_stream(LM))
     await serve(service, s, pinned=True, on_close=_closer(pool))
 

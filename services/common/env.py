@@ -35,11 +35,13 @@ CLAIM_IDLE_MS = EnvVar("RALMSPEC_CLAIM_IDLE_MS", "30000", "reclaim a dead consum
 MAXLEN = EnvVar("RALMSPEC_MAXLEN", "10000", "approximate length streams are trimmed to")
 CALL_TIMEOUT_S = EnvVar("RALMSPEC_CALL_TIMEOUT_S", "120", "deadline of a call to another service")
 DRAIN_S = EnvVar("RALMSPEC_DRAIN_S", "30", "on SIGTERM, how long in-flight work may take to finish")
+LM_SESSION_IDLE_S = EnvVar("RALMSPEC_LM_SESSION_IDLE_S", "600",
+                           "an LM session (its KV cache) unused this long expires: its gateway died without closing it")
 LOG = EnvVar("RALMSPEC_LOG", "", "log level: DEBUG | INFO | WARNING | ERROR; empty = WARNING (CLI), INFO (services)")
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY, CLAIM_IDLE_MS,
-       MAXLEN, CALL_TIMEOUT_S, DRAIN_S, PRESET, LOG]
+       MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, PRESET, LOG]
 
 
 def data_dir() -> Path:

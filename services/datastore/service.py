@@ -9,8 +9,6 @@ pinned to the replica that opened them and expire when idle (a gateway that died
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +19,8 @@ from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import datastore_pb2 as pb
 
 from services.common.contracts import DATASTORE
-from services.common.errors import InvalidRequest, NotFound, Overloaded, Unavailable
+from services.common.errors import InvalidRequest, Unavailable
+from services.common.expiring import ExpiringTable
 from services.common.ops import ServiceDef
 from services.common.wire import retriever_name, vector_from_bytes
 from services.datastore.knn_cache import KnnCache, check_successors
@@ -40,54 +39,37 @@ C = TypeVar("C", SpeculationCache, KnnCache)
 class _Entry:
     cache: SpeculationCache | KnnCache
     retriever: Retriever | None  # what a passage cache scores with (None: a KNN-LM cache)
-    used: float
 
 
 class CacheTable:
-    """Caches by id, with idle expiry and a bound on how many one replica holds."""
+    """Caches by id, expired when idle, with a bound on how many one replica holds."""
 
     def __init__(self, retrievers: Mapping[str, Retriever], max_caches: int = 4096, idle_s: float = 600.0) -> None:
-        self.retrievers, self.max_caches, self.idle_s = retrievers, max_caches, idle_s
-        self.entries: dict[str, _Entry] = {}
+        self.retrievers = retrievers
+        self.entries = ExpiringTable[_Entry]("speculation cache", max_caches, idle_s)
 
     def open(self, kind: int) -> str:
         ret = pick(self.retrievers, retriever_name(kind))
-        return self._add(_Entry(SpeculationCache(ret.score), ret, time.monotonic()))
+        return self.entries.add(_Entry(SpeculationCache(ret.score), ret))
 
     def open_knn(self, ds: KnnDatastore | None) -> str:
         if ds is None:
             raise Unavailable(NOT_BUILT)
-        return self._add(_Entry(KnnCache(ds), None, time.monotonic()))
-
-    def _add(self, entry: _Entry) -> str:
-        self.expire()
-        if len(self.entries) >= self.max_caches:
-            raise Overloaded(f"this datastore replica holds {self.max_caches} caches already; retry later")
-        cid = uuid.uuid4().hex
-        self.entries[cid] = entry
-        return cid
+        return self.entries.add(_Entry(KnnCache(ds), None))
 
     def get(self, cid: str, kind: type[C]) -> tuple[C, _Entry]:
         """The cache `cid` (which must be a `kind` cache) and its entry."""
         if not cid:
             raise InvalidRequest("cache_id is empty: call OpenCache (or OpenKnnCache) first")
         e = self.entries.get(cid)
-        if e is None:
-            raise NotFound(f"no speculation cache {cid!r} on this replica (closed, expired or opened elsewhere)")
         if not isinstance(e.cache, kind):
             opened, used = ("OpenKnnCache", "Insert/Lookup") if kind is SpeculationCache else (
                 "OpenCache", "InsertKnn/LookupKnn")
             raise InvalidRequest(f"cache {cid!r} was opened by {opened}: it does not serve {used}")
-        e.used = time.monotonic()
         return e.cache, e
 
     def close(self, cid: str) -> bool:
-        return self.entries.pop(cid, None) is not None
-
-    def expire(self) -> None:
-        old = time.monotonic() - self.idle_s
-        for cid in [c for c, e in self.entries.items() if e.used < old]:
-            del self.entries[cid]
+        return self.entries.pop(cid)
 
 
 SOURCES = {cpb.DRAFT_SOURCE_REST: "rest", cpb.DRAFT_SOURCE_PROMPT: "prompt", cpb.DRAFT_SOURCE_BOTH: "both"}

@@ -2,21 +2,23 @@
 
 A session is a KV cache (`decoder.Session`); `step` decodes greedily (or samples, `sampling.py`) after a whole
 sequence, reusing the cache's longest common prefix, so a replayed step returns the same tokens (idempotent; a
-sampled step when it carries a seed) and a shorter sequence is a rollback.
+sampled step when it carries a seed) and a shorter sequence is a rollback. A session unused for
+`LmSettings.session_idle_s` expires: a gateway that died never closes its sessions.
 """
 
 from __future__ import annotations
 
-import threading
-import uuid
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from services.common.errors import InvalidRequest, NotFound, Overloaded
+from services.common import env
+from services.common.errors import InvalidRequest
+from services.common.expiring import ExpiringTable
 from services.lm.decoder import Emitted, Session
 from services.lm.model import LoadedLM
 from services.lm.sampling import SamplingParams, sample
@@ -42,30 +44,34 @@ class StopSets:
         return self.eos | self.newline if at_newline else self.eos
 
 
-class LmEngine:
-    """Sessions by id. Steps of one session must not run concurrently (the caller's order is the session's)."""
+@dataclass(frozen=True)
+class LmSettings:
+    """The LM service's engine settings (read from RALMSPEC_* once at start-up)."""
 
-    def __init__(self, lm: LoadedLM, stops: StopSets | None = None, max_sessions: int = 256) -> None:
+    max_sessions: int = 256  # sessions (KV caches) one replica holds; more opens answer RESOURCE_EXHAUSTED
+    session_idle_s: float = 600.0  # a session unused this long expires (its gateway died without closing it)
+
+    @classmethod
+    def from_env(cls) -> LmSettings:
+        return cls(session_idle_s=float(env.LM_SESSION_IDLE_S.get()))
+
+
+class LmEngine:
+    """Sessions by id, expired when idle. Steps of one session must not run concurrently (the caller's order is
+    the session's)."""
+
+    def __init__(self, lm: LoadedLM, stops: StopSets | None = None, settings: LmSettings = LmSettings(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.lm = lm
         self.stops = stops or StopSets.of(lm.tokenizer)
-        self.max_sessions = max_sessions
         self.vocab: int = getattr(lm.model.config, "vocab_size")  # noqa: B009 - config is untyped
-        self.sessions: dict[str, Session] = {}
-        self._lock = threading.Lock()  # guards the dict; the model itself runs one step at a time per caller
+        self.sessions = ExpiringTable[Session]("LM session", settings.max_sessions, settings.session_idle_s, clock)
 
     def open(self, session: Session | None = None) -> str:
-        with self._lock:
-            if len(self.sessions) >= self.max_sessions:
-                raise Overloaded(f"this LM replica holds {self.max_sessions} sessions already; retry later")
-            sid = uuid.uuid4().hex
-            self.sessions[sid] = session or Session(self.lm)
-            return sid
+        return self.sessions.add(session or Session(self.lm))
 
     def session(self, sid: str) -> Session:
-        try:
-            return self.sessions[sid]
-        except KeyError:
-            raise NotFound(f"no LM session {sid!r} on this replica (closed, or opened on another one)") from None
+        return self.sessions.get(sid)
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
              tree: Any = None, sampling: SamplingParams | None = None) -> Emitted:
@@ -102,5 +108,4 @@ class LmEngine:
             raise InvalidRequest(f"{len(seq)} tokens + {n} new exceed the model's {self.lm.max_positions} positions")
 
     def close(self, sid: str) -> bool:
-        with self._lock:
-            return self.sessions.pop(sid, None) is not None
+        return self.sessions.pop(sid)

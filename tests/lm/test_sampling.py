@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-import pytest_asyncio
 import torch
 import transformers
 from hypothesis import given, settings
@@ -19,16 +19,13 @@ from hypothesis import strategies as st
 from ralmspec.v1 import lm_pb2
 
 import services.lm.sampling as sampling
-from services.common.contracts import LM
 from services.common.errors import InvalidRequest
-from services.common.grpc_server import start_server
 from services.datastore.draft_tree import DraftTree
 from services.gateway.backends import Backends, drafted_decode
 from services.lm.decoder import Session
 from services.lm.engine import LmEngine, StopSets
 from services.lm.model import LoadedLM
 from services.lm.sampling import acceptance, choose, probs, sample
-from services.lm.service import lm_service
 from services.lm.tree_attention import tree_step
 from services.lm.types import SamplingParams
 from services.lm.wire import sampling_from_proto, sampling_to_proto
@@ -359,29 +356,14 @@ def test_wire_round_trip() -> None:
     assert sampling_to_proto(SamplingParams()) == {} and sampling_from_proto(lm_pb2.StepRequest()) is None
 
 
-@pytest_asyncio.fixture
-async def channel(engine: LmEngine) -> AsyncIterator[grpc.aio.Channel]:
-    svc, pool = lm_service(engine, "ralmspec:lm:test")
-    srv = await start_server([svc], port=0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        yield ch
-    await srv.stop(0)
-    pool.shutdown()
-
-
 @pytest.mark.asyncio
-async def test_step_rejects_bad_sampling_over_grpc(channel: grpc.aio.Channel) -> None:
-    def rpc(name: str):  # type: ignore[no-untyped-def]
-        op = LM.ops[name]
-        return channel.unary_unary(LM.method(name), request_serializer=op.request.SerializeToString,
-                                   response_deserializer=op.reply.FromString)
-
-    sid = (await rpc("OpenSession")(lm_pb2.OpenSessionRequest(), timeout=5)).session_id
-    ok = await rpc("Step")(lm_pb2.StepRequest(session_id=sid, tokens=CTX, max_new_tokens=3, temperature=T, top_p=0.9,
-                                              seed=3), timeout=5)
+async def test_step_rejects_bad_sampling_over_grpc(lm_rpc: Callable[[str], Any]) -> None:
+    sid = (await lm_rpc("OpenSession")(lm_pb2.OpenSessionRequest(), timeout=5)).session_id
+    ok = await lm_rpc("Step")(lm_pb2.StepRequest(session_id=sid, tokens=CTX, max_new_tokens=3, temperature=T, top_p=0.9,
+                                                 seed=3), timeout=5)
     assert len(ok.tokens) == 3 and all(math.isnan(g) for g in ok.gaps)
     for bad, message in ((dict(temperature=-1.0), "temperature must be a finite number >= 0"),
                          (dict(temperature=1.0, top_p=0.0), "top_p must be in (0, 1]")):
         with pytest.raises(grpc.aio.AioRpcError) as e:
-            await rpc("Step")(lm_pb2.StepRequest(session_id=sid, tokens=CTX, max_new_tokens=3, **bad), timeout=5)
+            await lm_rpc("Step")(lm_pb2.StepRequest(session_id=sid, tokens=CTX, max_new_tokens=3, **bad), timeout=5)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (e.value.details() or "")
