@@ -256,6 +256,7 @@ class StreamClient:
     def __init__(self, redis_url: str, *, name: str = "client", maxlen: int = 10_000,
                  default_timeout_s: float = 60.0, max_pending: int = 1024, block_ms: int = 1000) -> None:
         self.redis = _connect(redis_url, CLIENT_CONNECTIONS)
+        self.name = name  # this client's name in the counters (`counter_key`)
         self.reply_stream = f"ralmspec:reply:{name}:{uuid.uuid4().hex}"
         self.maxlen = maxlen  # approximate cap of each request stream
         self.default_timeout_s = default_timeout_s
@@ -314,6 +315,13 @@ class StreamClient:
         if code != OK:
             raise error_of(code, message)
         return op.reply.FromString(body)
+
+    async def count(self, counter: str, group: str, n: int = 1) -> None:
+        """Add `n` to this client's `counter` for `group` (`counter_key`); a metric never fails its caller."""
+        try:
+            await self.redis.hincrby(counter_key(counter, group), self.name, n)
+        except RedisError as e:
+            log.warning("client %s: could not count %s for %s: %s", self.name, counter, group, e)
 
     async def close(self) -> None:
         """Stop the reader, fail pending calls with Unavailable and delete the reply stream."""

@@ -52,6 +52,10 @@ class Bridge:
         assert isinstance(out, reply)
         return out
 
+    def count_replay(self, service: ServiceDef) -> None:
+        """Count a call replayed because a pinned replica of `service` was lost (the cluster's "replayed" hash)."""
+        asyncio.run_coroutine_threadsafe(self.client.count("replayed", service.stream), self.loop).result()
+
 
 LOST = (NotFound, DeadlineExceeded)  # a pinned replica restarted (state gone) or died (its stream unread)
 
@@ -97,6 +101,7 @@ class RemoteLm:
                 if attempt:
                     raise
                 log.warning("LM session %s on %s lost (%s); replaying the %s on a new session", real, stream, e, op)
+                self.bridge.count_replay(LM)
                 self.where[sid] = self._open()
         raise AssertionError("unreachable")
 
@@ -155,6 +160,7 @@ class _PinnedCache:
             return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
         except LOST as e:
             log.warning("speculation cache %s on %s lost (%s); rebuilding it", self.cache_id, self.stream, e)
+            self.bridge.count_replay(DATASTORE)
             self.cache_id, self.stream = self._open()
             self._restore()
             return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)

@@ -18,7 +18,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from services.common.ops import Operation, RemoteError, ServiceDef
 from services.common.redis_server import LocalRedis
-from services.common.transport import StreamClient, StreamWorker
+from services.common.transport import StreamClient, StreamWorker, counter_key
 
 
 class Fake:
@@ -192,6 +192,7 @@ async def test_dead_consumer_entries_are_reclaimed(url: str, r: aioredis.Redis) 
             replies = await asyncio.gather(*calls)
     assert [x.value for x in replies] == ["0", "1", "2", "3", "4"]  # type: ignore[attr-defined]
     assert live.claimed == 5 and live.served == 5
+    assert await r.hgetall(counter_key("claimed", fake.stream)) == {b"live": b"5"}  # the cluster-wide counter
     assert (await r.xpending(fake.stream, fake.stream))["pending"] == 0
 
 

@@ -28,7 +28,8 @@ from ralmspec.v1 import (
 )
 from ralmspec.v1 import gateway_pb2 as pb
 
-from services.common.contracts import LM, RETRIEVER, VERIFIER
+from services.common.contracts import LM, RETRIEVER, SERVICES, VERIFIER, replica_stream
+from services.common.transport import counter_key
 from services.gateway.api import to_request
 from services.gateway.controller import Controller
 from services.up import Cluster
@@ -287,9 +288,10 @@ def test_backend_services_validate_too(cluster):
         assert dsv.CloseCache(datastore_pb2.CloseCacheRequest(cache_id=cid)).existed
 
 
-def served(cluster, service) -> dict[str, int]:
+def counts(cluster, counter, service) -> dict[str, int]:
+    """A cluster-wide counter ("served", "claimed", "replayed") of `service`'s consumer group, by consumer."""
     r = redis.Redis.from_url(cluster.redis_url)
-    return {k.decode(): int(v) for k, v in r.hgetall(f"ralmspec:served:{service.stream}").items()}
+    return {k.decode(): int(v) for k, v in r.hgetall(counter_key(counter, service.stream)).items()}
 
 
 def test_work_spreads_over_replicas(stub, cluster, questions):
@@ -310,12 +312,40 @@ def test_work_spreads_over_replicas(stub, cluster, questions):
         t.join()
     assert errors == []
     for service in (LM, RETRIEVER, VERIFIER):
-        counts = served(cluster, service)
-        assert len(counts) == 2 and min(counts.values()) > 0, (service.full_name, counts)
+        served = counts(cluster, "served", service)
+        assert len(served) == 2 and min(served.values()) > 0, (service.full_name, served)
 
 
-def run_while_killing(stub, controller, reqs, victim) -> None:
-    """Send `reqs` concurrently, SIGKILL `victim` mid-flight, and check every reply equals the in-process one."""
+def held_by(cluster, victim, stream: str) -> int:
+    """Entries of `stream` that `victim` has read and not acked (its consumer group is its service's stream)."""
+    r = redis.Redis.from_url(cluster.redis_url)
+    if not r.exists(stream):
+        return 0
+    pending = r.xpending(stream, SERVICES[victim.service].stream)["consumers"]
+    return sum(c["pending"] for c in pending if c["name"].decode() == victim.replica)
+
+
+def kill_while_busy(cluster, victim, stream: str, timeout_s: float = 120.0) -> int:
+    """SIGKILL `victim` at a moment it holds unacked entries of `stream`, and return how many. Each look happens
+    while it is stopped (SIGSTOP), so nothing it holds is answered between the look and the kill."""
+    pid, end = victim.proc.pid, time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        os.kill(pid, signal.SIGSTOP)
+        held = 0
+        try:
+            time.sleep(0.05)  # what it had already sent reaches Redis
+            held = held_by(cluster, victim, stream)
+        finally:
+            os.kill(pid, signal.SIGKILL if held else signal.SIGCONT)
+        if held:
+            return held
+        time.sleep(0.05)
+    pytest.fail(f"{victim.replica} never held an entry of {stream}: the kill would test no recovery")
+
+
+def run_while_killing(stub, controller, cluster, reqs, victim, stream: str) -> int:
+    """Send `reqs` concurrently, SIGKILL `victim` while it holds entries of `stream`, and check every reply equals
+    the in-process one; return how many entries died with it."""
     want = [controller.run(to_request(r)).tokens for r in reqs]
     got: list[list[int] | None] = [None] * len(reqs)
 
@@ -325,11 +355,13 @@ def run_while_killing(stub, controller, reqs, victim) -> None:
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(reqs))]
     for t in threads:
         t.start()
-    time.sleep(1.0)
-    os.kill(victim.proc.pid, signal.SIGKILL)
-    for t in threads:
-        t.join()
+    try:
+        held = kill_while_busy(cluster, victim, stream)
+    finally:
+        for t in threads:
+            t.join()
     assert got == want
+    return held
 
 
 def long_requests(questions, first: int) -> list[pb.GenerateRequest]:
@@ -342,13 +374,23 @@ def long_requests(questions, first: int) -> list[pb.GenerateRequest]:
 
 
 def test_a_killed_retriever_replica_loses_no_request(stub, controller, cluster, questions):
-    # Its unacked entries are reclaimed by the other replica (XAUTOCLAIM after RALMSPEC_CLAIM_IDLE_MS).
-    victim = next(c for c in cluster.children if c.service == "retriever")
-    run_while_killing(stub, controller, long_requests(questions, 30), victim)
+    # The entries it held unacked are taken over by the other replica (XAUTOCLAIM after RALMSPEC_CLAIM_IDLE_MS).
+    victim, survivor = [c for c in cluster.children if c.service == "retriever"]
+    before = counts(cluster, "claimed", RETRIEVER).get(survivor.replica, 0)
+    held = run_while_killing(stub, controller, cluster, long_requests(questions, 30), victim, RETRIEVER.stream)
+    end = time.monotonic() + 15  # an entry whose caller stopped waiting (an earlier test's) is claimed all the same
+    while (claimed := counts(cluster, "claimed", RETRIEVER).get(survivor.replica, 0) - before) < held and \
+            time.monotonic() < end:
+        time.sleep(0.5)
+    assert claimed >= held > 0, f"the survivor claimed {claimed} of the {held} entries the killed replica held"
 
 
 def test_a_killed_lm_replica_loses_no_request(stub, controller, cluster, questions):
-    # Its sessions' steps time out (RALMSPEC_CALL_TIMEOUT_S) and are replayed on new sessions elsewhere: a step
-    # carries the whole sequence, so a fresh session only re-prefills.
+    # It is killed holding a step of a session pinned to it: that step times out (RALMSPEC_CALL_TIMEOUT_S) and the
+    # gateway replays it on a new session elsewhere (a step carries the whole sequence: it only re-prefills).
     victim = next(c for c in cluster.children if c.service == "lm")
-    run_while_killing(stub, controller, long_requests(questions, 40), victim)
+    before = sum(counts(cluster, "replayed", LM).values())
+    own = replica_stream(LM, victim.replica)  # where the steps of its sessions wait
+    run_while_killing(stub, controller, cluster, long_requests(questions, 40), victim, own)
+    replayed = sum(counts(cluster, "replayed", LM).values()) - before
+    assert replayed > 0, "no LM call was replayed on a new session after its replica died"
