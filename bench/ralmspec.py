@@ -137,7 +137,7 @@ def main() -> None:
           "median [min, max]. Methods run in an order rotated per request (lm-only right after baseline-kv, whose "
           "documents it replays); every retriever is warmed up first. `captured`: (kv - method) / (kv - lm-only), "
           "the share of the removable retrieval time that the method removed.\n\n"
-          "Scaling (exact retriever, +PSA):\n\n" + "\n".join(
+          ("Scaling (exact retriever, +PSA):\n\n" if scale else "Scaling: not run.") + "\n".join(
               f"- {s['passages']} passages: {s['speedup_vs_paper']:.2f}x vs paper, {s['speedup_vs_kv']:.2f}x vs kv, "
               f"captured {s['captured']:.2f}, identical {s['identical']}" for s in scale))
     chart(rows, args.name)
