@@ -59,7 +59,8 @@ def main() -> None:
           ["retriever", "profile", "mode", "passages", "retrieval_s", "lm_s", "total_s", "total", "retrievals",
            "ms_per_retrieval", "retrieval_share", "share", "n"],
           "Baseline iterative RaLM: per-request latency split (mean seconds per request)",
-          "128 new tokens per request, stride 4 (32 retrievals), query = last 32 tokens, top-1 document. "
+          f"{args.max_new_tokens} new tokens per request, stride 4 ({args.max_new_tokens // 4} retrievals), "
+          "query = last 32 tokens, top-1 document. "
           "`paper` re-prefills document + context every stride; `kv-reuse` extends the KV cache while the "
           "document is unchanged. `total`, `share`: median [min, max] over the requests; the six (retriever, mode) "
           "cells run in an order rotated per request, after a warm-up of every retriever.")
