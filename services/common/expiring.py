@@ -67,19 +67,12 @@ class ExpiringTable(Generic[V]):
         with self._lock:
             return self._held.pop(key, None) is not None
 
-    def expire(self) -> int:
-        """Drop every entry idle for more than `idle_s`; how many were dropped."""
-        with self._lock:
-            return self._expire(self.clock())
-
     def __len__(self) -> int:
         return len(self._held)
 
-    def _expire(self, now: float) -> int:
-        old = [k for k, h in self._held.items() if now - h.used > self.idle_s]
-        for k in old:
+    def _expire(self, now: float) -> None:
+        for k in [k for k, h in self._held.items() if now - h.used > self.idle_s]:
             self._drop(k)
-        return len(old)
 
     def _drop(self, key: str) -> None:
         del self._held[key]

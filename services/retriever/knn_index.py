@@ -50,7 +50,7 @@ import numpy as np
 
 from services.common.errors import InvalidRequest, Unavailable
 from services.retriever.dense import BLAS_THRESHOLD, ivf_nlist
-from services.retriever.types import KNN_INDEXES, Neighbours
+from services.retriever.types import KNN_INDEXES, Neighbours, check_knn_index
 
 FORMAT_VERSION = 1
 REBUILD = "rebuild with `ralmspec assets` (services.retriever.knn_build.build)"
@@ -130,8 +130,7 @@ class KnnDatastore:
     def _open(self, indexes: Sequence[str], ivf_path: Path | None, nprobe: int) -> None:
         faiss.cvar.distance_compute_blas_threshold = BLAS_THRESHOLD  # the process-wide policy, whoever loads first
         for name in indexes:
-            if name not in KNN_INDEXES:
-                raise InvalidRequest(f"unknown KNN index {name!r}; choose from {KNN_INDEXES}")
+            check_knn_index(name)
         if "exact" in indexes:
             self._indexes["exact"] = flat_index(self.keys)
         if "approx" in indexes:

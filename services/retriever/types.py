@@ -14,8 +14,7 @@ from services.common.errors import InvalidRequest
 QueryKey = Any  # what a retriever scores a query by: a float32 [d] vector (dense) or the query text (sparse)
 NO_DOC = -1  # a query the retriever found nothing for (BM25 with only stop words)
 KNN_INDEXES = ("exact", "approx")  # KNN-LM datastore indexes: FAISS flat L2 | IVF
-MAX_KNN_K = 4096  # neighbours per KNN query
-KNN_K = Bound(1, MAX_KNN_K)  # neighbours per KNN query
+KNN_K = Bound(1, 4096)  # neighbours per KNN query
 PASSAGE_K = Bound(1, 1000)  # passages per query a search returns (also the depth of RaLMSpec's prefetch)
 
 
@@ -65,4 +64,4 @@ def check_knn_k(k: int) -> None:
 
 def check_knn_index(index: str) -> None:
     if index not in KNN_INDEXES:
-        raise InvalidRequest(f"unknown KNN index {index!r}; choose exact or approx")
+        raise InvalidRequest(f"unknown KNN index {index!r}; choose {' or '.join(KNN_INDEXES)}")

@@ -55,6 +55,8 @@ def test_every_preset_equals_the_baseline(knn, prompts, baseline, index, same_to
 
 @pytest.mark.slow
 def test_property_speculation_never_changes_tokens(knn, prompts, baseline, same_tokens):
+    rollbacks: list[int] = []  # per example
+
     @settings(max_examples=12, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
     @given(pi=st.integers(0, len(prompts) - 1), k=st.sampled_from([1, 8, 64, 1024]),
@@ -66,7 +68,6 @@ def test_property_speculation_never_changes_tokens(knn, prompts, baseline, same_
         same_tokens(baseline(pi, k, lam, index), got, f"knnlm {index} prompt {pi} k={k} λ={lam} {spec}")
         rollbacks.append(got.stats["rollbacks"])
 
-    rollbacks: list[int] = []
     prop()
     assert sum(rollbacks) > 0, "no example rolled back: the equivalence was never checked across a repair"
 
