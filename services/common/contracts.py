@@ -20,6 +20,7 @@ LM = ServiceDef.of(
     Operation("Step", lm.StepRequest, lm.StepReply),
     Operation("State", lm.StateRequest, lm.StateReply),
     Operation("CloseSession", lm.CloseSessionRequest, lm.CloseSessionReply),
+    Operation("Stats", lm.StatsRequest, lm.StatsReply),
 )
 RETRIEVER = ServiceDef.of(
     "ralmspec.v1.RetrieverService", "ralmspec:retriever",

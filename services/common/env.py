@@ -38,10 +38,24 @@ DRAIN_S = EnvVar("RALMSPEC_DRAIN_S", "30", "on SIGTERM, how long in-flight work 
 LM_SESSION_IDLE_S = EnvVar("RALMSPEC_LM_SESSION_IDLE_S", "600",
                            "an LM session (its KV cache) unused this long expires: its gateway died without closing it")
 LOG = EnvVar("RALMSPEC_LOG", "", "log level: DEBUG | INFO | WARNING | ERROR; empty = WARNING (CLI), INFO (services)")
+MAX_BATCH_SEQS = EnvVar("RALMSPEC_MAX_BATCH_SEQS", "16",
+                        "LM continuous batching: sequences in one forward; 1 = one session's step at a time")
+MAX_BATCH_TOKENS = EnvVar("RALMSPEC_MAX_BATCH_TOKENS", "512", "LM continuous batching: tokens in one forward")
+PREFILL_CHUNK = EnvVar("RALMSPEC_PREFILL_CHUNK", "128",
+                       "LM: a prefill longer than this is fed in chunks of this many tokens, between other decodes")
+KV_BUDGET_TOKENS = EnvVar("RALMSPEC_KV_BUDGET_TOKENS", "262144",
+                          "LM: tokens all sessions' KV caches may hold on one replica; past it RESOURCE_EXHAUSTED")
+MAX_QUEUE = EnvVar("RALMSPEC_MAX_QUEUE", "256",
+                   "calls a replica (LM scheduler, gateway) holds waiting beyond those it runs; past it "
+                   "RESOURCE_EXHAUSTED")
+COALESCE_MS = EnvVar("RALMSPEC_COALESCE_MS", "2",
+                     "retriever/verifier: concurrent searches arriving within this window share one index call; "
+                     "0 = off")
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY, CLAIM_IDLE_MS,
-       MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, PRESET, LOG]
+       MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS, MAX_BATCH_TOKENS, PREFILL_CHUNK,
+       KV_BUDGET_TOKENS, MAX_QUEUE, COALESCE_MS, PRESET, LOG]
 
 
 def data_dir() -> Path:
