@@ -11,8 +11,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from services.common import env, logs
 from services.common.contracts import LM
 from services.common.serving import ServeSettings, serve
@@ -67,11 +65,13 @@ async def serve_lm(engine: GatewaySettings, s: ServeSettings) -> None:
     from services.lm.model import load
     from services.lm.service import lm_service
 
-    if engine.threads > 0:
-        torch.set_num_threads(engine.threads)
     lm = LmEngine(load(engine.model, engine.layout.models, engine.device, engine.dtype), settings=LmSettings.from_env())
-    service, pool = lm_service(lm, s.own_stream(LM))
-    await serve(service, s, pinned=True, on_close=_closer(pool))
+    service, batch = lm_service(lm, s.own_stream(LM))
+
+    async def close() -> None:
+        await asyncio.to_thread(batch.close)
+
+    await serve(service, s, pinned=True, on_close=close)
 
 
 async def serve_retriever(engine: GatewaySettings, s: ServeSettings, names: Sequence[str]) -> None:

@@ -25,7 +25,8 @@ PROFILE = EnvVar("RALMSPEC_PROFILE", "default", "asset profile: tiny | default |
 MODEL = EnvVar("RALMSPEC_MODEL", "smollm2-135m", "language model key (see services/lm/model.py MODELS)")
 DEVICE = EnvVar("RALMSPEC_DEVICE", "auto", "torch device: auto (cuda when present) | cpu | cuda")
 DTYPE = EnvVar("RALMSPEC_DTYPE", "float32", "LM dtype: float32 | bfloat16 | float16")
-THREADS = EnvVar("RALMSPEC_THREADS", "0", "torch intra-op threads; 0 = torch default")
+THREADS = EnvVar("RALMSPEC_THREADS", "0", "torch intra-op threads; 0 = one for the LM (its kernels are "
+                 "batch-invariant only on one thread), torch's default elsewhere")
 REDIS_URL = EnvVar("RALMSPEC_REDIS_URL", "", "Redis URL; empty = `ralmspec up` starts a local redis-server")
 HOST = EnvVar("RALMSPEC_HOST", "127.0.0.1", "address a service's gRPC server binds")
 PORT = EnvVar("RALMSPEC_PORT", "0", "a service's gRPC port; 0 = a free one (printed at start)")
@@ -43,8 +44,9 @@ MAX_BATCH_SEQS = EnvVar("RALMSPEC_MAX_BATCH_SEQS", "16",
 MAX_BATCH_TOKENS = EnvVar("RALMSPEC_MAX_BATCH_TOKENS", "512", "LM continuous batching: tokens in one forward")
 PREFILL_CHUNK = EnvVar("RALMSPEC_PREFILL_CHUNK", "128",
                        "LM: a prefill longer than this is fed in chunks of this many tokens, between other decodes")
-KV_BUDGET_TOKENS = EnvVar("RALMSPEC_KV_BUDGET_TOKENS", "262144",
-                          "LM: tokens all sessions' KV caches may hold on one replica; past it RESOURCE_EXHAUSTED")
+KV_BUDGET_TOKENS = EnvVar("RALMSPEC_KV_BUDGET_TOKENS", "65536",
+                          "LM: tokens all sessions' KV caches may hold on one replica (SmolLM2: 46 KB each); past it "
+                          "RESOURCE_EXHAUSTED")
 MAX_QUEUE = EnvVar("RALMSPEC_MAX_QUEUE", "256",
                    "calls a replica (LM scheduler, gateway) holds waiting beyond those it runs; past it "
                    "RESOURCE_EXHAUSTED")

@@ -70,6 +70,11 @@ class ExpiringTable(Generic[V]):
     def __len__(self) -> int:
         return len(self._held)
 
+    def values(self) -> list[V]:
+        """The values held now (expired ones included until the next add or get drops them)."""
+        with self._lock:
+            return [h.value for h in self._held.values()]
+
     def _expire(self, now: float) -> None:
         for k in [k for k, h in self._held.items() if now - h.used > self.idle_s]:
             self._drop(k)

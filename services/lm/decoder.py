@@ -3,6 +3,12 @@
 KV reuse is a property of the cache, not of the caller: asking for logits after a sequence feeds only the
 suffix past the longest common prefix with the cached tokens (after cropping the rest). Rolling back is the
 same call with a shorter sequence. `reuse=False` re-prefills from scratch (RaLMSpec's paper baseline).
+
+Every operation is written once as a `Work` generator (`ragged.py`): it yields the model feeds it needs and
+receives their results, so the same code runs alone (`ragged.run`, the `Session` methods without `_work`) or
+interleaved with other sessions' work in one batched forward per tick (`continuous_batching.py`). A feed longer
+than `chunk` tokens (a document + context prefill) is fed in chunks, so it never holds a tick for long; the
+chunking depends only on the session's own sequence, so a session's numbers do not depend on its batch-mates.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from services.lm.model import LoadedLM
+from services.lm.ragged import Feed, KvStore, Work, run
+
+PREFILL_CHUNK = 128  # tokens per prefill feed (RALMSPEC_PREFILL_CHUNK)
 
 
 @dataclass
@@ -38,34 +46,35 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Session:
     """One sequence's KV cache. Not thread-safe; one session per request."""
 
-    def __init__(self, lm: LoadedLM) -> None:
+    def __init__(self, lm: LoadedLM, chunk: int = PREFILL_CHUNK) -> None:
         self.lm = lm
+        self.chunk = chunk
         self.ids: list[int] = []  # tokens whose K/V are in the cache, in order
-        self._cache: DynamicCache | None = None
+        self.store = KvStore(int(getattr(lm.model.config, "num_hidden_layers")))  # noqa: B009 - untyped config
         self._last: torch.Tensor | None = None  # [vocab] logits after self.ids
         self._hidden: torch.Tensor | None = None  # [d] final hidden state after self.ids, when it was asked for
         self.forwards = 0
         self.fed_tokens = 0  # tokens pushed through the model (prefill + decode)
-        # Sliding-window layers (Gemma 3) keep only the last `window` positions: past that, a crop cannot
-        # restore what was evicted, so a rollback re-prefills instead.
-        self._window: int | None = getattr(lm.model.config, "sliding_window", None)  # type: ignore[attr-defined]
 
     def reset(self) -> None:
-        self.ids, self._cache, self._last, self._hidden = [], None, None, None
+        self.ids, self._last, self._hidden = [], None, None
+        self.store.crop(0)
 
-    @torch.inference_mode()
-    def logits_after(self, seq: Sequence[int], reuse: bool = True) -> torch.Tensor:
+    @property
+    def held(self) -> int:
+        """KV slots this session holds allocated (its memory, in tokens)."""
+        return self.store.capacity
+
+    def logits_after_work(self, seq: Sequence[int], reuse: bool = True) -> Work[torch.Tensor]:
         """Next-token logits [vocab] (float32, on CPU) after `seq`, leaving the cache holding exactly `seq`."""
         keep = self.hold_prefix(seq, reuse)
         if keep == len(seq):
             return self._last  # type: ignore[return-value]  # hold_prefix: the logits after seq are cached
-        pos = torch.arange(keep, len(seq))  # [n]
-        self._last = self.forward(seq[keep:], pos, None, 1)[0]
+        self._last = (yield from self.feed_work(seq[keep:], torch.arange(keep, len(seq)), None, 1))[0]
         self.ids = list(seq)
         return self._last
 
-    @torch.inference_mode()
-    def state_after(self, seq: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def state_after_work(self, seq: Sequence[int]) -> Work[tuple[torch.Tensor, torch.Tensor]]:
         """(final hidden state [d], logits [vocab]) after `seq`, both float32 on CPU: KNN-LM's query (the vector
         the LM head reads, after the final norm) and p_LM. Reuses the cache like `logits_after`."""
         keep = self.hold_prefix(seq)
@@ -73,9 +82,8 @@ class Session:
             return self._hidden, self._last  # type: ignore[return-value]
         keep = min(keep, len(seq) - 1)  # cached logits but no hidden state: feed the last token again
         if keep < len(self.ids):
-            self._cache.crop(keep - len(self.ids))  # type: ignore[union-attr]
-        pos = torch.arange(keep, len(seq))  # [n]
-        self._last = self.forward(seq[keep:], pos, None, 1, hidden=True)[0]
+            self.store.crop(keep)
+        self._last = (yield from self.feed_work(seq[keep:], torch.arange(keep, len(seq)), None, 1, hidden=True))[0]
         self.ids = list(seq)
         return self._hidden, self._last  # type: ignore[return-value]
 
@@ -85,17 +93,12 @@ class Session:
         least the last token of `seq` is left to feed."""
         if not seq:
             raise ValueError("cannot run the LM on an empty sequence")
-        keep = _common_prefix(self.ids, seq) if reuse and self._cache is not None else 0
+        keep = _common_prefix(self.ids, seq) if reuse else 0
         if keep == len(seq) == len(self.ids) and self._last is not None:
             return keep
         keep = min(keep, len(seq) - 1)  # the last token must be fed to get its logits
         self._hidden = None
-        if keep < len(self.ids) and self._window is not None and len(self.ids) > self._window:
-            keep = 0
-        if keep == 0:
-            self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[arg-type]
-        elif keep < len(self.ids):
-            self._cache.crop(keep - len(self.ids))  # type: ignore[union-attr]  # negative: drop the tail
+        self.store.crop(keep)
         self.ids, self._last = list(seq[:keep]), None
         return keep
 
@@ -104,52 +107,47 @@ class Session:
         """[vocab] logits after `ids`, when known."""
         return self._last
 
-    @torch.inference_mode()
-    def forward(self, tokens: Sequence[int], positions: torch.Tensor, mask: torch.Tensor | None,
-                keep_logits: int, hidden: bool = False) -> torch.Tensor:
-        """One forward of `tokens` after the cached ones, appending their K/V; returns the logits [keep_logits,
-        vocab] (float32, on CPU) of the last `keep_logits` tokens. `positions` [n]; `mask` None (causal) or an
-        additive [1, 1, n, cached + n] mask. The caller owns `ids`/`last` afterwards (see `compact`). `hidden`: also
-        keep the last token's final hidden state (the input of the LM head) for `state_after`."""
-        if self._cache is None:
-            self._cache = DynamicCache(config=self.lm.model.config)  # type: ignore[arg-type]
-        dev = self.lm.device
-        new = torch.tensor([list(tokens)], dtype=torch.long, device=dev)  # [1, n]
-        out = self.lm.model(input_ids=new, past_key_values=self._cache, position_ids=positions.to(dev).unsqueeze(0),
-                            attention_mask=None if mask is None else mask.to(dev), use_cache=True,
-                            logits_to_keep=keep_logits, output_hidden_states=hidden)
-        self._cache = out.past_key_values
-        # hidden_states[-1] is the final norm's output (checked equal to base_model's last_hidden_state)
-        self._hidden = out.hidden_states[-1][0, -1].float().cpu() if hidden else None
+    def feed_work(self, tokens: Sequence[int], positions: torch.Tensor, allowed: torch.Tensor | None,
+                  keep_logits: int, hidden: bool = False) -> Work[torch.Tensor]:
+        """Feed `tokens` [n] at `positions` [n] after the cached ones, appending their K/V; returns the logits
+        [keep_logits, vocab] (float32, on CPU) of the last `keep_logits` tokens. `allowed` None (causal) or a bool
+        [n, cached + n] (True = attend) for one feed. The caller owns `ids`/`last` afterwards (see `compact`).
+        `hidden`: also keep the last token's final hidden state (the input of the LM head) for `state_after`.
+        A causal feed longer than `chunk` goes in chunks; only the last one returns logits."""
+        tokens = list(tokens)
+        cut = 0
+        if allowed is None:
+            while len(tokens) - cut > self.chunk:
+                yield from self._feed(tokens[cut: cut + self.chunk], positions[cut: cut + self.chunk], None, 0, False)
+                cut += self.chunk
+        return (yield from self._feed(tokens[cut:], positions[cut:], allowed, keep_logits, hidden))
+
+    def _feed(self, tokens: list[int], positions: torch.Tensor, allowed: torch.Tensor | None, keep: int,
+              hidden: bool) -> Work[torch.Tensor]:
+        fed = yield Feed(self.store, tokens, positions, keep, allowed, hidden)
+        self._hidden = fed.hidden if hidden else None
         self.forwards += 1
-        self.fed_tokens += new.shape[1]
-        return out.logits[0].float().cpu()
+        self.fed_tokens += len(tokens)
+        return fed.logits
 
     def compact(self, keep: torch.Tensor, ids: Sequence[int], last: torch.Tensor) -> None:
         """Keep only the cache slots `keep` [len(ids)] (ascending), which now hold `ids`; `last` [vocab] = the
         logits after them."""
-        if self._cache is None or len(keep) != len(ids):
-            raise ValueError("compact needs a cache and one slot per kept token")
-        held = self._cache.get_seq_length()
+        if len(keep) != len(ids) or (len(keep) and int(keep[-1]) >= self.store.length):
+            raise ValueError("compact needs one held slot per kept token")
         if torch.equal(keep, torch.arange(len(ids))):
-            if len(ids) < held:
-                self._cache.crop(len(ids) - held)
+            self.store.crop(len(ids))
         else:
-            for layer in self._cache.layers:
-                idx = keep.to(layer.keys.device)  # type: ignore[union-attr]
-                layer.keys = layer.keys.index_select(-2, idx)  # type: ignore[union-attr]  # [batch, heads, seq, dim]
-                layer.values = layer.values.index_select(-2, idx)  # type: ignore[union-attr]
-                if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they were fed
-                    layer.cumulative_length = len(ids)
+            self.store.compact(keep)
         self.ids, self._last, self._hidden = list(ids), last, None
 
-    def greedy(self, seq: Sequence[int], n: int, stop: frozenset[int], reuse: bool = True) -> Emitted:
+    def greedy_work(self, seq: Sequence[int], n: int, stop: frozenset[int], reuse: bool = True) -> Work[Emitted]:
         """Up to n greedy tokens after `seq`; stops after emitting a stop token. Only the first forward may
         re-prefill (reuse=False); the tokens inside the run always extend the cache."""
         out = Emitted()
         ctx = list(seq)
         before, fed = self.forwards, self.fed_tokens
-        logits = self.logits_after(ctx, reuse=reuse)
+        logits = yield from self.logits_after_work(ctx, reuse=reuse)
         for i in range(n):
             top = torch.topk(logits, 2)
             tok = int(top.indices[0])
@@ -160,6 +158,16 @@ class Session:
                 break
             ctx.append(tok)
             if i + 1 < n:  # the last token is fed lazily, by whoever continues this sequence
-                logits = self.logits_after(ctx)
+                logits = yield from self.logits_after_work(ctx)
         out.forwards, out.fed = self.forwards - before, self.fed_tokens - fed
         return out
+
+    # The same operations run alone (a batch of one).
+    def logits_after(self, seq: Sequence[int], reuse: bool = True) -> torch.Tensor:
+        return run(self.lm, self.logits_after_work(seq, reuse))
+
+    def state_after(self, seq: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return run(self.lm, self.state_after_work(seq))
+
+    def greedy(self, seq: Sequence[int], n: int, stop: frozenset[int], reuse: bool = True) -> Emitted:
+        return run(self.lm, self.greedy_work(seq, n, stop, reuse))

@@ -19,10 +19,12 @@ import torch
 from services.common import env
 from services.common.errors import InvalidRequest
 from services.common.expiring import ExpiringTable
-from services.lm.decoder import Emitted, Session
+from services.lm.continuous_batching import BatchLimits
+from services.lm.decoder import PREFILL_CHUNK, Emitted, Session
 from services.lm.model import LoadedLM
-from services.lm.sampling import SamplingParams, sample
-from services.lm.tree_attention import tree_step
+from services.lm.ragged import Work, run
+from services.lm.sampling import SamplingParams, sample_work
+from services.lm.tree_attention import tree_step_work
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,17 @@ class LmSettings:
 
     max_sessions: int = 256  # sessions (KV caches) one replica holds; more opens answer RESOURCE_EXHAUSTED
     session_idle_s: float = 600.0  # a session unused this long expires (its gateway died without closing it)
+    prefill_chunk: int = PREFILL_CHUNK  # a longer prefill is fed in chunks of this many tokens
+    batch: BatchLimits = BatchLimits()  # continuous batching and admission (the service's scheduler)
+    threads: int = 1  # torch intra-op threads: one keeps the ragged forward batch-invariant (ragged.py)
 
     @classmethod
     def from_env(cls) -> LmSettings:
-        return cls(session_idle_s=float(env.LM_SESSION_IDLE_S.get()))
+        chunk = int(env.PREFILL_CHUNK.get())
+        if chunk < 1:
+            raise InvalidRequest(f"RALMSPEC_PREFILL_CHUNK must be positive, got {chunk}")
+        return cls(session_idle_s=float(env.LM_SESSION_IDLE_S.get()), prefill_chunk=chunk,
+                   batch=BatchLimits.from_env().validate(chunk), threads=int(env.THREADS.get()) or 1)
 
 
 class LmEngine:
@@ -65,39 +74,65 @@ class LmEngine:
         self.lm = lm
         self.stops = stops or StopSets.of(lm.tokenizer)
         self.vocab: int = getattr(lm.model.config, "vocab_size")  # noqa: B009 - config is untyped
+        self.settings = settings
+        torch.set_num_threads(settings.threads)  # process-wide: the LM owns its process's torch
         self.sessions = ExpiringTable[Session]("LM session", settings.max_sessions, settings.session_idle_s, clock)
 
     def open(self, session: Session | None = None) -> str:
-        return self.sessions.add(session or Session(self.lm))
+        return self.sessions.add(session or Session(self.lm, self.settings.prefill_chunk))
+
+    def kv_held(self) -> int:
+        """KV slots all open sessions hold allocated (tokens)."""
+        return sum(s.held for s in self.sessions.values())
 
     def session(self, sid: str) -> Session:
         return self.sessions.get(sid)
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
              tree: Any = None, sampling: SamplingParams | None = None) -> Emitted:
+        """`step_work` run alone."""
+        return run(self.lm, self.step_work(sid, seq, n, stop_at_newline, reprefill, tree, sampling))
+
+    def step_work(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
+                  tree: Any = None, sampling: SamplingParams | None = None) -> Work[Emitted]:
         """Up to n greedy tokens after `seq`, or sampled ones with `sampling` (temperature > 0). With a draft `tree`
         (`.tokens`, `.parents`), ONE forward verifies it and emits the accepted path plus the model's next token
-        (REST), capped at n; sampled acceptance keeps the tokens distributed exactly as plain sampling's."""
+        (REST), capped at n; sampled acceptance keeps the tokens distributed exactly as plain sampling's.
+        Checks everything (and finds the session) now, before any work: the returned work only decodes."""
         if n <= 0:
             raise InvalidRequest(f"max_new_tokens must be positive, got {n}")
         self._check(seq, n)
         if sampling is not None and sampling.validate().greedy:
             sampling = None
         stop = self.stops.get(stop_at_newline)
+        session = self.session(sid)
         if tree is not None:
             if reprefill:
                 raise InvalidRequest("draft trees extend the KV cache; they cannot be combined with re-prefill")
-            return tree_step(self.session(sid), seq, tree, max_new=n, stop=stop, sampling=sampling)
+            return tree_step_work(session, seq, tree, max_new=n, stop=stop, sampling=sampling)
         if sampling is not None:
-            return sample(self.session(sid), seq, n, stop, sampling, reuse=not reprefill)
-        return self.session(sid).greedy(seq, n, stop, reuse=not reprefill)
+            return sample_work(session, seq, n, stop, sampling, reuse=not reprefill)
+        return session.greedy_work(seq, n, stop, reuse=not reprefill)
 
     def state(self, sid: str, seq: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
+        """`state_work` run alone."""
+        return run(self.lm, self.state_work(sid, seq))
+
+    def state_work(self, sid: str, seq: Sequence[int]) -> Work[tuple[np.ndarray, torch.Tensor]]:
         """(hidden [d] float32, logits [vocab] float32) after `seq`: KNN-LM's datastore query (the final-norm
         output the LM head reads) and p_LM. The session's KV cache keeps its longest common prefix with `seq`."""
         self._check(seq, 1)  # the token this state predicts needs a position too
-        hidden, logits = self.session(sid).state_after(seq)
-        return hidden.numpy(), logits
+        session = self.session(sid)
+
+        def work() -> Work[tuple[np.ndarray, torch.Tensor]]:
+            hidden, logits = yield from session.state_after_work(seq)
+            return hidden.numpy(), logits
+
+        return work()
+
+    def kv_need(self, sid: str, seq: Sequence[int], n: int, tree_nodes: int = 0) -> int:
+        """KV slots a call may add to its session: what `seq` + n new tokens + a tree exceed its allocation by."""
+        return max(0, len(seq) + n + tree_nodes - self.session(sid).held)
 
     def _check(self, seq: Sequence[int], n: int) -> None:
         if not seq:

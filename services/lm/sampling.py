@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from services.lm.decoder import Emitted, Session
+from services.lm.ragged import Work, run
 from services.lm.types import SamplingParams
 
 NO_GAP = math.nan  # the `Emitted.gaps` entry of a sampled token
@@ -96,13 +97,19 @@ class Sampler:
 
 def sample(session: Session, seq: Sequence[int], n: int, stop: frozenset[int], params: SamplingParams,
            reuse: bool = True) -> Emitted:
+    """`sample_work` run alone."""
+    return run(session.lm, sample_work(session, seq, n, stop, params, reuse))
+
+
+def sample_work(session: Session, seq: Sequence[int], n: int, stop: frozenset[int], params: SamplingParams,
+                reuse: bool = True) -> Work[Emitted]:
     """Up to n sampled tokens after `seq` (plain sampled decoding, no drafts), as `Session.greedy` is for greedy:
     stops after a stop token, and the last token is fed lazily by whoever continues the sequence."""
     out = Emitted()
     ctx = list(seq)
     pick = Sampler(params, len(ctx))
     before, fed = session.forwards, session.fed_tokens
-    logits = session.logits_after(ctx, reuse=reuse)
+    logits = yield from session.logits_after_work(ctx, reuse=reuse)
     for i in range(n):
         tok, gap = pick(logits, ())
         out.tokens.append(tok)
@@ -112,6 +119,6 @@ def sample(session: Session, seq: Sequence[int], n: int, stop: frozenset[int], p
             break
         ctx.append(tok)
         if i + 1 < n:
-            logits = session.logits_after(ctx)
+            logits = yield from session.logits_after_work(ctx)
     out.forwards, out.fed = session.forwards - before, session.fed_tokens - fed
     return out

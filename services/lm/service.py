@@ -1,13 +1,12 @@
 """LM service: the LM engine's sessions behind the LmService contract (a thin adapter; no decoding logic).
 
-Model calls run on one thread per replica, in arrival order: a replica's model serves one step at a time
-(torch uses the cores inside a step), and a session's steps stay in the caller's order.
+Model calls go to the replica's continuous-batching scheduler (`continuous_batching.py`): one forward per tick
+over the pending steps of all sessions. A session's calls still run in the caller's order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 from ralmspec.v1 import lm_pb2 as pb
 
@@ -15,6 +14,7 @@ from services.common.contracts import LM
 from services.common.errors import InvalidRequest
 from services.common.ops import ServiceDef
 from services.common.wire import vector_bytes
+from services.lm.continuous_batching import Scheduler
 from services.lm.engine import LmEngine
 from services.lm.wire import draft_from_proto, sampling_from_proto
 
@@ -25,29 +25,38 @@ def _sid(session_id: str) -> str:
     return session_id
 
 
-def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, ThreadPoolExecutor]:
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lm")
+def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Scheduler]:
+    batch = Scheduler(engine.lm, engine.settings.batch, engine.kv_held)
 
     async def open_session(req: pb.OpenSessionRequest) -> pb.OpenSessionReply:
         return pb.OpenSessionReply(session_id=engine.open(), replica_stream=replica_stream)
 
     async def step(req: pb.StepRequest) -> pb.StepReply:
         sid = _sid(req.session_id)
-        engine.session(sid)  # NOT_FOUND before queueing behind other steps
         tree = draft_from_proto(req.draft) if req.HasField("draft") else None
-        sampling = sampling_from_proto(req)  # INVALID_ARGUMENT before queueing, too
-        e = await asyncio.get_running_loop().run_in_executor(
-            pool, engine.step, sid, list(req.tokens), req.max_new_tokens, req.stop_at_newline, req.reprefill, tree,
-            sampling)
+        sampling = sampling_from_proto(req)
+        seq = list(req.tokens)
+        # every check (and NOT_FOUND) happens here, before the call queues
+        work = engine.step_work(sid, seq, req.max_new_tokens, req.stop_at_newline, req.reprefill, tree, sampling)
+        need = engine.kv_need(sid, seq, req.max_new_tokens, 0 if tree is None else len(tree.tokens))
+        e = await asyncio.wrap_future(batch.submit(sid, work, need))
         return pb.StepReply(tokens=e.tokens, gaps=e.gaps, stopped=e.stopped, forwards=e.forwards, fed=e.fed)
 
     async def state(req: pb.StateRequest) -> pb.StateReply:
         sid = _sid(req.session_id)
-        engine.session(sid)
-        hidden, logits = await asyncio.get_running_loop().run_in_executor(pool, engine.state, sid, list(req.tokens))
+        seq = list(req.tokens)
+        work = engine.state_work(sid, seq)
+        hidden, logits = await asyncio.wrap_future(batch.submit(sid, work, engine.kv_need(sid, seq, 1)))
         return pb.StateReply(hidden=vector_bytes(hidden), logits=vector_bytes(logits.numpy()))
 
     async def close_session(req: pb.CloseSessionRequest) -> pb.CloseSessionReply:
         return pb.CloseSessionReply(existed=engine.close(_sid(req.session_id)))
 
-    return LM.bind(OpenSession=open_session, Step=step, State=state, CloseSession=close_session), pool
+    async def stats(req: pb.StatsRequest) -> pb.StatsReply:
+        st, lim = batch.stats, batch.limits
+        return pb.StatsReply(forwards=st.forwards, rows=st.rows, tokens=st.tokens, refused=st.refused,
+                             expired=st.expired, sessions=len(engine.sessions), kv_tokens=engine.kv_held(),
+                             queued=batch.queued, max_batch_seqs=lim.max_batch_seqs,
+                             max_batch_tokens=lim.max_batch_tokens, busy_s=st.busy_s)
+
+    return LM.bind(OpenSession=open_session, Step=step, State=state, CloseSession=close_session, Stats=stats), batch

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from services.lm.decoder import Emitted, Session
-from services.lm.sampling import Sampler, sample
+from services.lm.ragged import Work, run
+from services.lm.sampling import Sampler, sample_work
 from services.lm.types import SamplingParams
 
 Pick = Callable[[torch.Tensor, Sequence[int]], tuple[int, float]]  # (logits [vocab], child tokens) -> (token, gap)
@@ -56,13 +57,11 @@ def depths(parents: np.ndarray) -> np.ndarray:
     return d
 
 
-def tree_mask(past: int, tail: int, parents: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, tail + n, past + tail + n]: 0 = attend, dtype min = masked.
+def tree_mask(past: int, tail: int, parents: np.ndarray) -> torch.Tensor:
+    """bool [tail + n, past + tail + n], True = attend.
 
     Rows are the `tail` uncached context tokens (causal), then the n nodes. Columns are the `past` cached tokens,
-    the tail, then the nodes: a node sees every context column, its ancestors and itself. transformers 5.23
-    passes a 4D mask through unchanged (`masking_utils._preprocess_mask_arguments`) to every layer, sliding ones
-    included; additive float (not bool) also suits the eager attention path, which adds the mask to the scores."""
+    the tail, then the nodes: a node sees every context column, its ancestors and itself."""
     n = len(parents)
     anc = torch.zeros(n, n, dtype=torch.bool)  # [n, n] anc[i, j]: j is i or an ancestor of i
     for i, p in enumerate(parents):
@@ -74,13 +73,11 @@ def tree_mask(past: int, tail: int, parents: np.ndarray, dtype: torch.dtype) -> 
     see[:, : past + tail] = True
     see[:tail, past:] = torch.ones(tail, m, dtype=torch.bool).tril()  # tail rows: causal (never a node column)
     see[tail:, past + tail:] = anc
-    mask = torch.zeros(m, past + m, dtype=dtype)
-    mask.masked_fill_(~see, torch.finfo(dtype).min)
-    return mask[None, None]
+    return see
 
 
-def tree_logits(session: Session, seq: Sequence[int], tokens: np.ndarray,
-                parents: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def tree_logits_work(session: Session, seq: Sequence[int], tokens: np.ndarray,
+                     parents: np.ndarray) -> Work[tuple[torch.Tensor, torch.Tensor]]:
     """Root logits [vocab] after `seq` and node logits [n, vocab] (float32, CPU), in one forward at most.
 
     Leaves the cache holding `seq` then all n nodes (in node order) and `session.ids`/`last` stale: call
@@ -91,9 +88,9 @@ def tree_logits(session: Session, seq: Sequence[int], tokens: np.ndarray,
     if not tail and n == 0:
         return session.last, torch.empty(0, 0)  # type: ignore[return-value]  # hold_prefix: cached
     pos = torch.cat([torch.arange(past, len(seq)), torch.from_numpy(len(seq) + depths(parents) - 1)])  # [tail + n]
-    mask = tree_mask(past, len(tail), parents, session.lm.dtype) if n else None  # no tree: plain causal
-    logits = session.forward(tail + tokens.tolist(), pos, mask, n + (1 if tail else 0))  # [(1 +) n, vocab]
-    root = logits[0] if tail else session.last
+    allowed = tree_mask(past, len(tail), parents) if n else None  # no tree: plain causal
+    logits = yield from session.feed_work(tail + tokens.tolist(), pos, allowed, n + (1 if tail else 0))
+    root = logits[0] if tail else session.last  # logits: [(1 +) n, vocab]
     return root, logits[1:] if tail else logits  # type: ignore[return-value]
 
 
@@ -108,6 +105,12 @@ def _argmax(logits: torch.Tensor, children: Sequence[int]) -> tuple[int, float]:
 
 def tree_step(session: Session, seq: Sequence[int], tokens: Any, parents: Any = None, max_new: int = 1,
               stop: frozenset[int] = frozenset(), sampling: SamplingParams | None = None) -> Emitted:
+    """`tree_step_work` run alone."""
+    return run(session.lm, tree_step_work(session, seq, tokens, parents, max_new, stop, sampling))
+
+
+def tree_step_work(session: Session, seq: Sequence[int], tokens: Any, parents: Any = None, max_new: int = 1,
+                   stop: frozenset[int] = frozenset(), sampling: SamplingParams | None = None) -> Work[Emitted]:
     """Verify one draft tree after `seq` and emit up to `max_new` tokens (accepted path + bonus): greedy ones, or
     with `sampling` (temperature > 0) sampled ones, distributed exactly as plain sampling's (gaps: NaN).
 
@@ -124,10 +127,11 @@ def tree_step(session: Session, seq: Sequence[int], tokens: Any, parents: Any = 
     sampler = None if sampling is None or sampling.greedy else Sampler(sampling, len(seq))
     window = getattr(session.lm.model.config, "sliding_window", None)  # type: ignore[attr-defined]
     if window is not None and len(seq) + len(tok) >= window:
-        return session.greedy(seq, 1, stop) if sampler is None else sample(session, seq, 1, stop, sampler.params)
+        return (yield from session.greedy_work(seq, 1, stop) if sampler is None
+                else sample_work(session, seq, 1, stop, sampler.params))
     pick: Pick = _argmax if sampler is None else sampler
     before, fed = session.forwards, session.fed_tokens
-    root, nodes = tree_logits(session, seq, tok, par)
+    root, nodes = yield from tree_logits_work(session, seq, tok, par)
     kids: dict[int, dict[int, int]] = {}  # parent node -> {token: node} in node order; first equal sibling wins
     for i in range(len(tok)):
         kids.setdefault(int(par[i]), {}).setdefault(int(tok[i]), i)

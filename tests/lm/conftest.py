@@ -19,7 +19,7 @@ Rpc = Callable[[str], Any]  # rpc("Step")(request, timeout=5) -> reply
 @pytest_asyncio.fixture
 async def lm_rpc(engine: LmEngine) -> AsyncIterator[Rpc]:
     """`lm_rpc(op)`: a callable for the LM operation `op` on a loopback gRPC server over the module's `engine`."""
-    svc, pool = lm_service(engine, "ralmspec:lm:test")
+    svc, batch = lm_service(engine, "ralmspec:lm:test")
     srv = await start_server([svc], port=0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         def rpc(name: str) -> Any:
@@ -29,4 +29,4 @@ async def lm_rpc(engine: LmEngine) -> AsyncIterator[Rpc]:
 
         yield rpc
     await srv.stop(0)
-    pool.shutdown()
+    batch.close()

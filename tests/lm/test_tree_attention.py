@@ -12,7 +12,8 @@ import transformers
 
 from services.lm.decoder import Emitted, Session
 from services.lm.model import LoadedLM
-from services.lm.tree_attention import tree_logits, tree_mask, tree_step
+from services.lm.ragged import run
+from services.lm.tree_attention import tree_logits_work, tree_mask, tree_step
 
 Tree = tuple[np.ndarray, np.ndarray]  # tokens [n], parents [n]
 Draft = Callable[[np.random.Generator, list[int]], Tree]  # (rng, true continuation from here) -> tree
@@ -155,7 +156,7 @@ def check_tree_logits(lm: LoadedLM, ctx: list[int], tree: Tree, cached: list[int
     s = Session(lm)
     if cached:
         s.logits_after(cached)  # part of (or a detour from) ctx is already cached
-    root, nodes = tree_logits(s, ctx, *tree)
+    root, nodes = run(lm, tree_logits_work(s, ctx, *tree))
     torch.testing.assert_close(root, sequential(lm, ctx), atol=atol, rtol=0)
     assert nodes.shape[0] == len(tree[0])
     for i in range(len(tree[0])):
@@ -164,14 +165,12 @@ def check_tree_logits(lm: LoadedLM, ctx: list[int], tree: Tree, cached: list[int
 
 def test_mask_pattern() -> None:
     # past 2 cached, tail 1 uncached, nodes: 0 (root child), 1 (child of 0), 2 (root child)
-    mask = tree_mask(2, 1, np.array([-1, 0, -1]), torch.float32)
-    assert mask.shape == (1, 1, 4, 6) and mask.dtype == torch.float32
-    see = (mask[0, 0] == 0).int().tolist()
-    assert see == [[1, 1, 1, 0, 0, 0],
-                   [1, 1, 1, 1, 0, 0],
-                   [1, 1, 1, 1, 1, 0],
-                   [1, 1, 1, 0, 0, 1]]
-    assert float(mask.min()) == torch.finfo(torch.float32).min
+    mask = tree_mask(2, 1, np.array([-1, 0, -1]))
+    assert mask.shape == (4, 6) and mask.dtype == torch.bool
+    assert mask.int().tolist() == [[1, 1, 1, 0, 0, 0],
+                                   [1, 1, 1, 1, 0, 0],
+                                   [1, 1, 1, 1, 1, 0],
+                                   [1, 1, 1, 0, 0, 1]]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -209,9 +208,10 @@ def test_compacted_cache_equals_fresh_prefill(gpt2) -> None:
     assert s.ids == ctx + e.tokens[:-1]
     fresh = Session(gpt2)
     fresh.logits_after(s.ids)
-    for mine, theirs in zip(s._cache.layers, fresh._cache.layers):  # type: ignore[union-attr]
-        torch.testing.assert_close(mine.keys, theirs.keys, atol=1e-6, rtol=0)
-        torch.testing.assert_close(mine.values, theirs.values, atol=1e-6, rtol=0)
+    n = s.store.length
+    assert n == fresh.store.length == len(s.ids) and torch.equal(s.store.pos, fresh.store.pos)
+    for mine, theirs in zip(s.store.k + s.store.v, fresh.store.k + fresh.store.v):
+        torch.testing.assert_close(mine[:, :n], theirs[:, :n], atol=1e-6, rtol=0)  # type: ignore[index]
     torch.testing.assert_close(s.last, fresh.last, atol=1e-5, rtol=0)
     at, before = len(e.tokens), s.forwards
     nxt = tree_step(s, ctx + e.tokens, *grow(rng, 8, 97, ref[at : at + 3]), max_new=4)
