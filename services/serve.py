@@ -75,9 +75,10 @@ async def serve_lm(engine: GatewaySettings, s: ServeSettings) -> None:
 
 
 async def serve_retriever(engine: GatewaySettings, s: ServeSettings, names: Sequence[str]) -> None:
-    from services.retriever.service import retriever_service
+    from services.retriever.service import RetrieverServiceSettings, retriever_service
 
-    service, pool = retriever_service(_retrievers(engine, names), knn=_knn(engine, ("exact", "approx")))
+    service, pool = retriever_service(_retrievers(engine, names), knn=_knn(engine, ("exact", "approx")),
+                                      settings=RetrieverServiceSettings.from_env())
     await serve(service, s, on_close=_closer(pool))
 
 
@@ -91,14 +92,14 @@ async def serve_datastore(engine: GatewaySettings, s: ServeSettings, names: Sequ
 
 
 async def serve_verifier(engine: GatewaySettings, s: ServeSettings) -> None:
-    from services.verifier.service import verifier_service
+    from services.verifier.service import VerifierSettings, verifier_service
 
     client = await StreamClient(s.redis_url, name=f"verifier-{s.replica}", maxlen=s.maxlen).start()
 
     async def close() -> None:
         await client.close()
 
-    await serve(verifier_service(client, s.call_timeout_s), s, on_close=close)
+    await serve(verifier_service(client, VerifierSettings.from_env(s.call_timeout_s)), s, on_close=close)
 
 
 async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequence[str], preset: str) -> None:
