@@ -123,7 +123,7 @@ def to_reply(res: RalmResult, docs: DocStore) -> pb.GenerateReply:
     used = [p for p in dict.fromkeys(res.doc_ids) if p != NO_DOC]
     st = res.stats
     return pb.GenerateReply(
-        text=res.text, token_ids=res.tokens,
+        text=res.text, token_ids=res.tokens, gaps=res.gaps,
         passages=[cpb.PassageRef(passage_id=p, title=docs.get(p).title) for p in used],
         stats=pb.Stats(spec_accuracy=st.get("spec_accuracy", 1.0), mean_stride=st.get("mean_stride", 0.0),
                        retrieval_calls=st.get("retrieval_calls", res.retrievals), retrievals=res.retrievals,
