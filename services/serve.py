@@ -103,6 +103,7 @@ async def serve_verifier(engine: GatewaySettings, s: ServeSettings) -> None:
 
 
 async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequence[str], preset: str) -> None:
+    from services.gateway.admission import RequestPool
     from services.gateway.controller import Controller
     from services.gateway.knn_generation import KnnLmEngine
     from services.gateway.ralm import RalmEngine
@@ -123,13 +124,15 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
     workers = max(4, s.concurrency)
     knn = KnnLmEngine(tok, remote_knn_backends(bridge, backends.lm), ralm.stop_sets, verify_workers=workers)
     controller = Controller(ralm, verify_workers=workers, knn=knn)
+    pool = RequestPool(s.concurrency, engine.max_queue)
 
     async def close() -> None:
+        await asyncio.to_thread(pool.close)  # requests still running stop at their next step (their calls ended)
         await client.close()
 
     # Generate is served over gRPC only: a gateway is the public edge, and its controller's own calls to the
     # other services are what travel over Redis.
-    await serve(gateway_service(controller, PRESETS[preset]), s, streams=False, on_close=close)
+    await serve(gateway_service(controller, PRESETS[preset], pool), s, streams=False, on_close=close)
 
 
 def run(service: str, profile: str | None, port: int | None, retrievers: Sequence[str] | None,

@@ -1,25 +1,29 @@
 """The gRPC adapter: serves each ServiceDef's operation table on one grpc.aio server, with health and reflection.
 
-Handlers stay protocol-free (`async def handler(request) -> reply`); this module only decodes, calls, encodes and
-maps an exception to a status through `status_of`, the one mapping every edge shares (an undecodable request
-body included: INVALID_ARGUMENT).
+Handlers stay protocol-free (`async def handler(request) -> reply`, or `(request, call)`); this module only decodes,
+calls, encodes and maps an exception to a status through `status_of`, the one mapping every edge shares (an
+undecodable request body included: INVALID_ARGUMENT). A handler that takes a `Call` learns the client's deadline
+(`context.time_remaining()`) and its cancellation: gRPC cancels the handler's task when the client cancels, its
+deadline passes or it stops reading a stream, and the adapter then sets `call.cancelled` for whatever work the
+handler started on other threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.ops import INTERNAL, Operation, ServerStream, ServiceDef, Unary, status_of
+from services.common.ops import INTERNAL, Call, Operation, ServiceDef, status_of
 
 log = logging.getLogger(__name__)
 
@@ -41,30 +45,40 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     raise exc  # unreachable: abort always raises
 
 
+def _call_of(context: grpc.aio.ServicerContext) -> Call:
+    left = context.time_remaining()
+    return Call() if left is None else Call.expiring_in(left, f"the client's {left:.1f} s deadline")
+
+
 def _unary(method: str, op: Operation) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
-    handler = cast(Unary, op.handler)
-
-    async def call(body: bytes, context: grpc.aio.ServicerContext) -> Message:
+    async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> Message:
+        call = _call_of(context)
         try:
-            return await handler(op.parse(body))
-        except Exception as exc:  # CancelledError is a BaseException: a cancelled call stays cancelled
+            return await op.unary(op.parse(body), call)
+        except Exception as exc:
             await _abort(context, method, exc)
+        except asyncio.CancelledError:  # the client cancelled or its deadline passed: the call stays cancelled
+            call.cancelled.set()
+            raise
 
-    return call
+    return rpc
 
 
 def _server_stream(method: str, op: Operation) -> Callable[[bytes, grpc.aio.ServicerContext],
                                                            AsyncIterator[Message]]:
-    handler = cast(ServerStream, op.handler)
-
-    async def call(body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+    async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
+        call = _call_of(context)
         try:
-            async for reply in handler(op.parse(body)):
-                yield reply
+            async with contextlib.aclosing(op.stream(op.parse(body), call)) as replies:
+                async for reply in replies:
+                    yield reply
         except Exception as exc:  # replies already sent stand; the status ends the stream
             await _abort(context, method, exc)
+        except (asyncio.CancelledError, GeneratorExit):  # cancelled, past its deadline, or no longer read
+            call.cancelled.set()
+            raise
 
-    return call
+    return rpc
 
 
 def _method_handler(service: ServiceDef, op: Operation) -> grpc.RpcMethodHandler:

@@ -1,22 +1,72 @@
 """One table of operations per service, shared by both adapters (gRPC servicer and Redis stream worker).
 
-Each operation is written once as `async def handler(request) -> reply` on protobuf messages; the adapters
-only decode, call, encode and map errors. `status_of` is the single error mapping every edge uses.
+Each operation is written once as `async def handler(request) -> reply` on protobuf messages, or as
+`async def handler(request, call) -> reply` when it wants to know the caller's deadline and cancellation (`Call`,
+protocol-free: each adapter fills it from its own protocol); the adapters only decode, call, encode and map errors.
+`status_of` is the single error mapping every edge uses.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import inspect
+import threading
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from google.protobuf.message import DecodeError, Message
 
 from services.common.errors import DeadlineExceeded, InvalidRequest, NotFound, Overloaded, RalmError, Unavailable
 
-Unary = Callable[[Any], Awaitable[Message]]
-ServerStream = Callable[[Any], AsyncIterator[Message]]
+Unary = Callable[..., Awaitable[Message]]  # (request) or (request, call: Call)
+ServerStream = Callable[..., AsyncGenerator[Message, None]]  # an async generator: (request) or (request, call)
+
+
+class Cancelled(RalmError):
+    """The caller cancelled the call, or stopped waiting for it: the work it started stops. Maps to CANCELLED."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a handler may know of the call it serves, whatever the protocol: when the caller stops waiting, and
+    whether it has gone. The gRPC adapter fills it from the client's deadline and cancellation, the stream adapter
+    from the entry's deadline_ms. Work on other threads polls `check` between steps."""
+
+    deadline: float | None = None  # time.monotonic() past which nobody waits for the reply; None: no deadline
+    cancelled: threading.Event = field(default_factory=threading.Event)  # set once the caller has gone
+    what: str = "the caller's deadline"  # the deadline, as DeadlineExceeded's message names it
+
+    @classmethod
+    def expiring_in(cls, seconds: float, what: str) -> Call:
+        return cls(time.monotonic() + seconds, what=what)
+
+    def within(self, seconds: float | None) -> Call:
+        """This call with a deadline `seconds` from now, when that comes first (the same cancellation)."""
+        if seconds is None:
+            return self
+        end = time.monotonic() + seconds
+        if self.deadline is not None and self.deadline <= end:
+            return self
+        return replace(self, deadline=end, what=f"its {seconds:g} s deadline")
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline (negative once past); None: no deadline."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise DeadlineExceeded once the deadline passed, Cancelled once the caller has gone."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise DeadlineExceeded(f"the request ran past {self.what}")
+        if self.cancelled.is_set():
+            raise Cancelled("the client cancelled the request")
+
+
+def _takes_call(handler: Callable[..., Any]) -> bool:
+    """Whether a handler is `(request, call)` rather than `(request)`."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in positional for p in inspect.signature(handler).parameters.values()) >= 2
 
 
 async def _unbound(request: Any) -> Message:
@@ -30,6 +80,20 @@ class Operation:
     reply: type[Message]
     handler: Unary | ServerStream = _unbound
     streaming: bool = False  # server-streaming (gRPC only; a Redis stream call is request/reply)
+    takes_call: bool = field(init=False)  # the handler is (request, call)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "takes_call", _takes_call(self.handler))
+
+    def unary(self, request: Message, call: Call) -> Awaitable[Message]:
+        """The handler's reply to `request` (told of `call` when it takes it)."""
+        handler = cast(Unary, self.handler)
+        return handler(request, call) if self.takes_call else handler(request)
+
+    def stream(self, request: Message, call: Call) -> AsyncGenerator[Message, None]:
+        """The server-streaming handler's replies to `request` (told of `call` when it takes it)."""
+        handler = cast(ServerStream, self.handler)
+        return handler(request, call) if self.takes_call else handler(request)
 
     def parse(self, body: bytes) -> Message:
         """The request message from its wire bytes (both adapters); bytes that are not one are the caller's error."""
@@ -72,6 +136,7 @@ NOT_FOUND = "NOT_FOUND"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 UNAVAILABLE = "UNAVAILABLE"
 DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+CANCELLED = "CANCELLED"
 INTERNAL = "INTERNAL"
 
 
@@ -89,7 +154,7 @@ def status_of(exc: BaseException) -> tuple[str, str]:
         return exc.code, str(exc)
     for kind, code in ((InvalidRequest, INVALID_ARGUMENT), (NotFound, NOT_FOUND), (Overloaded, RESOURCE_EXHAUSTED),
                        (Unavailable, UNAVAILABLE), (DeadlineExceeded, DEADLINE_EXCEEDED),
-                       (asyncio.TimeoutError, DEADLINE_EXCEEDED)):
+                       (asyncio.TimeoutError, DEADLINE_EXCEEDED), (Cancelled, CANCELLED)):
         if isinstance(exc, kind):
             return code, str(exc) or kind.__name__
     return INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
@@ -99,5 +164,5 @@ def error_of(code: str, message: str) -> RalmError:
     """The exception a client raises for a non-OK reply (inverse of `status_of`)."""
     kinds: dict[str, type[RalmError]] = {INVALID_ARGUMENT: InvalidRequest, NOT_FOUND: NotFound,
                                          RESOURCE_EXHAUSTED: Overloaded, UNAVAILABLE: Unavailable,
-                                         DEADLINE_EXCEEDED: DeadlineExceeded}
+                                         DEADLINE_EXCEEDED: DeadlineExceeded, CANCELLED: Cancelled}
     return kinds[code](message) if code in kinds else RemoteError(code, message)

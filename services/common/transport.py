@@ -6,7 +6,8 @@ Wire format (every field a Redis stream field, values bytes):
         op           method name, e.g. b"Step"
         id           correlation id, uuid4 hex
         reply_to     the caller's reply stream, "ralmspec:reply:<name>:<uuid4 hex>"
-        deadline_ms  absolute unix epoch ms after which nobody waits for the reply; b"0" = none
+        deadline_ms  absolute unix epoch ms after which nobody waits for the reply; b"0" = none (a handler
+                     that takes a `Call` sees it as the call's deadline)
         body         the operation's request protobuf, serialized
     reply, XADDed to reply_to, MAXLEN ~ worker maxlen, the stream EXPIREd REPLY_TTL_S after each reply:
         id           the request's correlation id
@@ -28,7 +29,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 from google.protobuf.message import Message
@@ -40,9 +41,9 @@ from services.common.ops import (
     INTERNAL,
     INVALID_ARGUMENT,
     OK,
+    Call,
     Operation,
     ServiceDef,
-    Unary,
     error_of,
     status_of,
 )
@@ -237,10 +238,12 @@ class StreamWorker:
             deadline_ms = int(fields.get(b"deadline_ms", b"0") or 0)
         except ValueError:
             return INVALID_ARGUMENT, f"{name}: deadline_ms is not an integer", b""
-        if deadline_ms and _now_ms() >= deadline_ms:
+        left_ms = deadline_ms - _now_ms()
+        if deadline_ms and left_ms <= 0:
             return DEADLINE_EXCEEDED, f"{name}: deadline passed before a worker took the request", b""
+        call = Call.expiring_in(left_ms / 1000, "the caller's deadline") if deadline_ms else Call()
         try:
-            reply = await cast(Unary, op.handler)(op.parse(fields.get(b"body", b"")))
+            reply = await op.unary(op.parse(fields.get(b"body", b"")), call)
         except Exception as e:
             code, message = status_of(e)  # INTERNAL is a bug: logged with its traceback; the rest are answers
             log.log(logging.ERROR if code == INTERNAL else logging.INFO, "%s %s failed (id=%s): %s",

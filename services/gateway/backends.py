@@ -7,7 +7,7 @@ The controller (`ralm.py`, `ralmspec.py`) sees only these protocols, so both run
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,14 +71,17 @@ class Backends:
 
 
 def drafted_decode(backends: Backends, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, draft: str,
-                   budget: int, sampling: SamplingParams | None = None) -> Emitted:
+                   budget: int, sampling: SamplingParams | None = None, *,
+                   clock: Callable[[], None] = lambda: None) -> Emitted:
     """Up to n tokens after `seq` by REST: draft a tree, verify it in one LM forward, re-draft after each step
     (the context grew), until n tokens or a stop token. Greedy tokens (the same as plain greedy decoding), or with
-    `sampling` sampled ones (distributed exactly as plain sampling's; each step seeds from its position)."""
+    `sampling` sampled ones (distributed exactly as plain sampling's; each step seeds from its position).
+    `clock` is checked before every step (the request's deadline and cancellation)."""
     if backends.drafts is None:
         raise InvalidRequest("drafting needs the REST datastore, which this runtime did not load")
     out = Emitted()
     while len(out.tokens) < n and not out.stopped:
+        clock()
         ctx = list(seq) + out.tokens
         e = backends.lm.step(sid, ctx, n - len(out.tokens), stop_at_newline,
                              tree=backends.drafts.propose(draft, ctx, budget), sampling=sampling)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import Unavailable
+from services.common.ops import Call
 from services.gateway.knn_generation import KnnLmEngine, KnnRequest
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
 from services.gateway.ralmspec import SpecConfig, SpeculativeRalm
@@ -28,13 +29,16 @@ class Controller:
         self.engine, self.knn = engine, knn
         self.spec = SpeculativeRalm(engine, verify_workers)
 
-    def run(self, req: Request, emit: Emit | None = None) -> RalmResult:
+    def run(self, req: Request, emit: Emit | None = None, call: Call | None = None) -> RalmResult:
+        """One request; `emit` receives verified tokens as they are decided, `call` carries the client's deadline
+        (the request stops at the earlier of it and `deadline_s`) and cancellation (it stops before its next LM
+        step)."""
         if req.knn is not None:
             if self.knn is None:
                 raise Unavailable("this gateway serves no KNN-LM (it has no KNN datastore)")
             if req.spec is None:
-                return self.knn.generate(req.prompt, req.knn, emit)
-            return self.knn.speculate(req.prompt, req.knn, req.spec, emit)
+                return self.knn.generate(req.prompt, req.knn, emit, call)
+            return self.knn.speculate(req.prompt, req.knn, req.spec, emit, call)
         if req.spec is None:
-            return self.engine.generate(req.prompt, req.cfg, req.retriever, emit=emit)
-        return self.spec.generate(req.prompt, req.cfg, req.spec, req.retriever, emit=emit)
+            return self.engine.generate(req.prompt, req.cfg, req.retriever, emit=emit, call=call)
+        return self.spec.generate(req.prompt, req.cfg, req.spec, req.retriever, emit=emit, call=call)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from services.common.errors import InvalidRequest
+from services.common.ops import Call
 from services.datastore.knn_cache import check_successors
 from services.gateway.ralm import DEADLINE_S, MAX_NEW_TOKENS, Emit, RalmResult, deadline_clock
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
@@ -150,10 +151,11 @@ class KnnLmEngine:
         res.total_s = time.perf_counter() - t0
         return res
 
-    def generate(self, prompt: str, req: KnnRequest, emit: Emit | None = None) -> RalmResult:
-        """The baseline: one real search per token (`emit` gets each token as it is decided)."""
+    def generate(self, prompt: str, req: KnnRequest, emit: Emit | None = None, call: Call | None = None) -> RalmResult:
+        """The baseline: one real search per token (`emit` gets each token as it is decided; `call`: the client's
+        deadline and cancellation)."""
         req.validate()
-        on_time = deadline_clock(req.deadline_s)
+        on_time = deadline_clock(req.deadline_s, call)
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         stops = self.stop_sets.get(req.stop_at_newline)
@@ -181,11 +183,12 @@ class KnnLmEngine:
             lm.close(sid)
         return self._finish(res, t0)
 
-    def speculate(self, prompt: str, req: KnnRequest, spec: SpecConfig, emit: Emit | None = None) -> RalmResult:
+    def speculate(self, prompt: str, req: KnnRequest, spec: SpecConfig, emit: Emit | None = None,
+                  call: Call | None = None) -> RalmResult:
         """RaLMSpec for KNN-LM: the same tokens as `generate`, with batched verification of cached guesses."""
         req.validate(spec)
         spec.validate()
-        on_time = deadline_clock(req.deadline_s)
+        on_time = deadline_clock(req.deadline_s, call)
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         res = RalmResult([], "", [], [])

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from services.common.bounds import Bound
-from services.common.errors import DeadlineExceeded, InvalidRequest
+from services.common.errors import InvalidRequest
+from services.common.ops import Call
 from services.datastore.proposers import DRAFTS
 from services.gateway.backends import Backends, drafted_decode
 from services.lm.decoder import Emitted
@@ -35,18 +36,11 @@ DRAFT_BUDGET = Bound(1, 256)  # draft tree nodes per forward
 DEADLINE_S = Bound(0, 86_400, lo_open=True, unit=" s")
 
 
-def deadline_clock(deadline_s: float | None) -> Callable[[], None]:
-    """A check to call before any work and between steps: raises DeadlineExceeded once `deadline_s` seconds have
-    passed since this call (None: never)."""
-    if deadline_s is None:
-        return lambda: None
-    end = time.monotonic() + deadline_s
-
-    def check() -> None:
-        if time.monotonic() > end:
-            raise DeadlineExceeded(f"the request ran past its {deadline_s:g} s deadline")
-
-    return check
+def deadline_clock(deadline_s: float | None, call: Call | None = None) -> Callable[[], None]:
+    """A check to call before any work and between LM steps: raises DeadlineExceeded once `deadline_s` seconds have
+    passed since this call (None: never) or the caller's deadline has (the earlier), and Cancelled once the caller
+    has gone (`call`: what the gateway knows of the client's call; None in process)."""
+    return (call or Call()).within(deadline_s).check
 
 
 @dataclass(frozen=True)
@@ -77,8 +71,8 @@ class RalmConfig:
         if self.deadline_s is not None:
             DEADLINE_S.check("deadline_s", self.deadline_s)
 
-    def clock(self) -> Callable[[], None]:
-        return deadline_clock(self.deadline_s)
+    def clock(self, call: Call | None = None) -> Callable[[], None]:
+        return deadline_clock(self.deadline_s, call)
 
 
 @dataclass
@@ -125,14 +119,16 @@ class RalmEngine:
         return self.stop_sets.get(cfg.stop_at_newline)
 
     def decode_stride(self, sid: str, pid: int, prompt_ids: Sequence[int], generated: Sequence[int],
-                      cfg: RalmConfig, reuse: bool = True) -> Emitted:
-        """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context."""
+                      cfg: RalmConfig, reuse: bool = True, clock: Callable[[], None] = lambda: None) -> Emitted:
+        """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context (`clock`:
+        checked between the LM steps of a drafted stride)."""
         n = min(cfg.stride, cfg.max_new_tokens - len(generated))
         seq = self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + list(prompt_ids) + list(generated)
         if cfg.draft == "none":
             return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
         # REST drafting, capped at this stride: the next stride may put another document in front.
-        return drafted_decode(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget)
+        return drafted_decode(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget,
+                              clock=clock)
 
     def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
         text = self.decode(tokens)
@@ -157,11 +153,12 @@ class RalmEngine:
         return self.retrievers[name]
 
     def generate(self, prompt: str, cfg: RalmConfig, retriever: str = "exact",
-                 schedule: Sequence[int] | None = None, emit: Emit | None = None) -> RalmResult:
+                 schedule: Sequence[int] | None = None, emit: Emit | None = None,
+                 call: Call | None = None) -> RalmResult:
         """One request. `schedule` (lm-only) gives the document of every stride in advance; `emit` receives
-        each stride's tokens as they are decided (streaming)."""
+        each stride's tokens as they are decided (streaming); `call`: the client's deadline and cancellation."""
         cfg.validate()
-        on_time = cfg.clock()
+        on_time = cfg.clock(call)
         t0 = time.perf_counter()
         prompt_ids = self.encode(prompt)
         self.check_prompt(prompt_ids, cfg)
@@ -201,7 +198,7 @@ class RalmEngine:
                 res.doc_ids.append(pid)
                 # 2) decode one stride with that document in front
                 t = time.perf_counter()
-                e = self.decode_stride(sid, pid, prompt_ids, res.tokens, cfg, reuse=cfg.mode != "paper")
+                e = self.decode_stride(sid, pid, prompt_ids, res.tokens, cfg, reuse=cfg.mode != "paper", clock=on_time)
                 res.lm_s += time.perf_counter() - t
                 res.tokens += e.tokens
                 res.gaps += e.gaps

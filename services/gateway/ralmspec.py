@@ -11,10 +11,12 @@ iterative RaLM's (`ralm.py`, kv-reuse).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
+from services.common.ops import Call
 from services.gateway.backends import Cache
 from services.gateway.prefetch import PrefetchPolicy
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
@@ -37,6 +39,7 @@ class _Strides:
     cache: Cache
     prefetch: PrefetchPolicy
     res: RalmResult
+    clock: Callable[[], None]  # the request's deadline and cancellation, between the LM steps of a drafted stride
 
     def __post_init__(self) -> None:
         self.stops = self.eng.stops(self.cfg)
@@ -53,7 +56,8 @@ class _Strides:
 
     def decode(self, key: Any, guess: int | None, tokens: list[int]) -> tuple[list[int], list[float]]:
         t = time.perf_counter()
-        e = self.eng.decode_stride(self.sid, NO_DOC if guess is None else guess, self.prompt_ids, tokens, self.cfg)
+        e = self.eng.decode_stride(self.sid, NO_DOC if guess is None else guess, self.prompt_ids, tokens, self.cfg,
+                                   clock=self.clock)
         self.res.lm_s += time.perf_counter() - t
         self.res.lm_forwards += e.forwards
         self.res.lm_fed_tokens += e.fed
@@ -83,11 +87,12 @@ class SpeculativeRalm:
         self._pool = verification_pool(verify_workers)
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
-                 emit: Emit | None = None) -> RalmResult:
-        """One request; `emit` receives tokens once verified (never tokens built on an unverified guess)."""
+                 emit: Emit | None = None, call: Call | None = None) -> RalmResult:
+        """One request; `emit` receives tokens once verified (never tokens built on an unverified guess); `call`:
+        the client's deadline and cancellation."""
         cfg.validate()
         spec.validate()
-        on_time = cfg.clock()
+        on_time = cfg.clock(call)
         eng = self.engine
         t0 = time.perf_counter()
         prompt_ids = eng.encode(prompt)
@@ -100,7 +105,8 @@ class SpeculativeRalm:
             opened.callback(eng.backends.lm.close, sid)
             cache = eng.backends.caches.open(retriever)
             opened.callback(cache.close)
-            steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res)
+            steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res,
+                             on_time)
             out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]

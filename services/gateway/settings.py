@@ -17,11 +17,15 @@ class GatewaySettings:
     dtype: str = "float32"  # baseline and speculation must share it (bf16 greedy ids differ from fp32)
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     data: Path = field(default_factory=env.data_dir)
+    # The gateway runs RALMSPEC_CONCURRENCY requests at once (ServeSettings.concurrency, every replica's bound) and
+    # queues this many more; past both it answers RESOURCE_EXHAUSTED (`admission.py`).
+    max_queue: int = 256
 
     @classmethod
     def from_env(cls, **overrides: object) -> GatewaySettings:
         s = cls(profile=env.PROFILE.get(), model=env.MODEL.get(), device=env.DEVICE.get(),
-                dtype=env.DTYPE.get(), threads=int(env.THREADS.get()), data=env.data_dir())
+                dtype=env.DTYPE.get(), threads=int(env.THREADS.get()), data=env.data_dir(),
+                max_queue=int(env.MAX_QUEUE.get()))
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
     @property

@@ -176,6 +176,8 @@ class SpeculationLoop(Generic[K, G, T]):
     def speculate(self, s: int) -> list[Step[K, G]]:
         steps: list[Step[K, G]] = []
         while len(steps) < s and not self.done():
+            if steps:
+                self.clock()  # the deadline and cancellation between the LM steps of a round (run checks the first)
             t = time.perf_counter()
             key = self.g.key(self.res.tokens)
             guess = self.g.guess(key)
