@@ -15,7 +15,7 @@ the replica's behaviour without batching.
 
 Admission: past `max_queue` waiting calls, or when the KV slots all sessions hold plus what the queued calls will
 add would pass `kv_budget_tokens`, `submit` raises Overloaded (RESOURCE_EXHAUSTED) with a retry hint, before any
-work. A waiting call whose deadline has passed is dropped (DeadlineExceeded) without running.
+work. A waiting call whose deadline has passed, or whose caller has gone, is dropped without running.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from services.common import env
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded
+from services.common.ops import Cancelled
 from services.lm.model import LoadedLM
 from services.lm.ragged import Fed, Feed, Work, forward
 
@@ -69,6 +70,7 @@ class _Call:
     future: Future[Any]
     kv_need: int  # KV slots this call may add (reserved until it ends)
     deadline: float | None  # time.monotonic() after which nobody waits for it
+    cancelled: threading.Event | None  # set when the caller has gone
     order: int
     feed: Feed | None = None  # what it needs next (None: not started)
 
@@ -104,7 +106,8 @@ class Scheduler:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def submit(self, key: str, work: Work[R], kv_need: int = 0, deadline: float | None = None) -> Future[R]:
+    def submit(self, key: str, work: Work[R], kv_need: int = 0, deadline: float | None = None,
+               cancelled: threading.Event | None = None) -> Future[R]:
         fut: Future[R] = Future()
         with self._cond:
             if self._stopped:
@@ -120,7 +123,7 @@ class Scheduler:
                                  f"promised of {self.limits.kv_budget_tokens}, this call needs {kv_need}; close idle "
                                  f"sessions or retry in ~{self._hint_s():.1f} s")
             self._reserved += kv_need
-            self._waiting.append(_Call(key, work, fut, kv_need, deadline, next(self._order)))
+            self._waiting.append(_Call(key, work, fut, kv_need, deadline, cancelled, next(self._order)))
             self._cond.notify()
         return fut
 
@@ -159,6 +162,10 @@ class Scheduler:
                 self._waiting.remove(call)
                 self.stats.expired += 1
                 self._finish(call, error=DeadlineExceeded("the call's deadline passed while it waited for the LM"))
+                continue
+            if call.cancelled is not None and call.cancelled.is_set():
+                self._waiting.remove(call)
+                self._finish(call, error=Cancelled("the caller went away while the call waited for the LM"))
                 continue
             if len(self._running) >= self.limits.max_batch_seqs:
                 break

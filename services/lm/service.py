@@ -12,7 +12,7 @@ from ralmspec.v1 import lm_pb2 as pb
 
 from services.common.contracts import LM
 from services.common.errors import InvalidRequest
-from services.common.ops import ServiceDef
+from services.common.ops import Call, ServiceDef
 from services.common.wire import vector_bytes
 from services.lm.continuous_batching import Scheduler
 from services.lm.engine import LmEngine
@@ -31,7 +31,7 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Sched
     async def open_session(req: pb.OpenSessionRequest) -> pb.OpenSessionReply:
         return pb.OpenSessionReply(session_id=engine.open(), replica_stream=replica_stream)
 
-    async def step(req: pb.StepRequest) -> pb.StepReply:
+    async def step(req: pb.StepRequest, call: Call) -> pb.StepReply:
         sid = _sid(req.session_id)
         tree = draft_from_proto(req.draft) if req.HasField("draft") else None
         sampling = sampling_from_proto(req)
@@ -39,14 +39,15 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Sched
         # every check (and NOT_FOUND) happens here, before the call queues
         work = engine.step_work(sid, seq, req.max_new_tokens, req.stop_at_newline, req.reprefill, tree, sampling)
         need = engine.kv_need(sid, seq, req.max_new_tokens, 0 if tree is None else len(tree.tokens))
-        e = await asyncio.wrap_future(batch.submit(sid, work, need))
+        e = await asyncio.wrap_future(batch.submit(sid, work, need, call.deadline, call.cancelled))
         return pb.StepReply(tokens=e.tokens, gaps=e.gaps, stopped=e.stopped, forwards=e.forwards, fed=e.fed)
 
-    async def state(req: pb.StateRequest) -> pb.StateReply:
+    async def state(req: pb.StateRequest, call: Call) -> pb.StateReply:
         sid = _sid(req.session_id)
         seq = list(req.tokens)
         work = engine.state_work(sid, seq)
-        hidden, logits = await asyncio.wrap_future(batch.submit(sid, work, engine.kv_need(sid, seq, 1)))
+        need = engine.kv_need(sid, seq, 1)
+        hidden, logits = await asyncio.wrap_future(batch.submit(sid, work, need, call.deadline, call.cancelled))
         return pb.StateReply(hidden=vector_bytes(hidden), logits=vector_bytes(logits.numpy()))
 
     async def close_session(req: pb.CloseSessionRequest) -> pb.CloseSessionReply:
