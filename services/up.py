@@ -54,7 +54,11 @@ class Cluster:
 
     @property
     def gateway(self) -> str:
-        return f"127.0.0.1:{next(c.port for c in self.children if c.service == 'gateway')}"
+        return self.addresses("gateway")[0]
+
+    def addresses(self, service: str) -> list[str]:
+        """The gRPC address of each replica of `service` (e.g. every LM replica, for its Stats)."""
+        return [f"127.0.0.1:{c.port}" for c in self.children if c.service == service]
 
     def start(self, timeout_s: float = 300.0) -> Cluster:
         if not self.redis_url:

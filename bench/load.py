@@ -1,0 +1,409 @@
+"""Load: throughput and tail latency with many clients at once, through the gateway's gRPC API on real clusters.
+
+    python -m bench.load --profile default     # the full run (sized for under an hour on 2 cores)
+    python -m bench.load --quick               # tiny profile, CI-sized smoke run -> results/load_quick.*
+
+Two clusters (`services.up.Cluster`: Redis + every service, `RALMSPEC_CONCURRENCY` raised so that 16 clients fit)
+run side by side, the same but for the LM replicas' `RALMSPEC_MAX_BATCH_SEQS`: its default (batching on) and 1
+(batching off: one session's step at a time, the behaviour before continuous batching).
+Workloads (prompts from the profile's SQuAD questions, each request run to `max_new_tokens`, no newline stop):
+`qa-<retriever>` (iterative RaLM, the QA prompt; modes baseline-kv and ralmspec+PSA), `knn` (KNN-LM continuing
+"<question> Background:"), `draft-rest` / `draft-both` (REST drafting inside each stride, baseline-kv, exact
+retriever) and `mix` (the other cells' requests interleaved, each in its own mode).
+1) Warm-up: one request per workload on each cluster.
+2) Alone: every distinct request once, nothing else running (batching-off cluster, unary Generate): the reference.
+3) Closed loop: c clients, each sending its next request (GenerateStream) when the previous answers,
+   max(c, min_requests) requests in all, taken in order from the cell's distinct requests. The units
+   (cell x batching x c) run in an order rotated per repetition.
+4) Open loop: Poisson arrivals at multiples of the sustainable rate of the cell (its best closed-loop requests/s,
+   median of the repetitions), rate x `window_s` of them; every arrival is its own call, however many are in flight.
+Per row, the median over repetitions (`spread`: min, median, max):
+- tokens_per_s: generated tokens streamed to the clients during the load window / its length. Closed loop: the
+  window ends when the first client finds no request left (until then all c are busy); open loop: with the last
+  reply (past the sustainable rate, the queue drains at the cluster's saturated throughput).
+- requests_per_s: tokens_per_s / mean tokens per answered request.
+- p50_s, p95_s, p99_s: send -> last chunk of answered requests; ttft_p50_s: send -> first chunk carrying tokens.
+- mean_batch: Δrows / Δforwards of the LM replicas' `Stats` over the unit (null when the LM does not answer it).
+- identical: every answered request's tokens equal its alone run's; `mismatches` counts those that differ,
+  `near_ties` those of them whose first difference is a certified near-tie (both replies' top-2 gaps < 1e-4 there).
+- errors: status codes of failed calls, summed over repetitions; RESOURCE_EXHAUSTED is expected when overloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+from ralmspec.v1 import common_pb2 as cpb
+from ralmspec.v1 import gateway_pb2 as pb
+from ralmspec.v1 import gateway_pb2_grpc, lm_pb2, lm_pb2_grpc
+
+from bench import results_io
+from bench.results_io import rotated, spread, spread_text
+from services.assets import missing
+from services.common import env
+from services.common.equivalence import compare
+from services.gateway.prompts import qa_prompt
+from services.gateway.settings import GatewaySettings
+from services.gateway.speculation import PRESETS
+from services.retriever.corpus import read_questions
+from services.up import Cluster
+
+RETRIEVERS = {"exact": cpb.RETRIEVER_KIND_EXACT, "approx": cpb.RETRIEVER_KIND_APPROX,
+              "sparse": cpb.RETRIEVER_KIND_SPARSE}
+DRAFTS = {"rest": cpb.DRAFT_SOURCE_REST, "both": cpb.DRAFT_SOURCE_BOTH}
+MODES = {"baseline-kv": pb.MODE_BASELINE_KV, "ralmspec+PSA": pb.MODE_RALMSPEC}
+PSA = PRESETS["+PSA"]  # sent explicitly: the result does not depend on the gateway's RALMSPEC_PRESET
+SPECULATION = pb.Speculation(stride=PSA.stride, prefetch=PSA.prefetch, prefetch_k=PSA.prefetch_k, os3=PSA.os3,
+                             asynchronous=PSA.asynchronous)
+EXPECTED = {"RESOURCE_EXHAUSTED"}  # refused under overload: counted, not a failure
+TIMEOUT_S = 900.0  # per call: a stuck request fails its row instead of hanging the run
+METRICS = ("tokens_per_s", "requests_per_s", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "mean_batch")
+
+Cell = tuple[str, str]  # (workload, mode)
+Key = tuple[str, str, int]  # one distinct request: (workload, mode, prompt index)
+KV, SPEC = "baseline-kv", "ralmspec+PSA"
+HEADLINE: Cell = ("qa-exact", KV)
+
+
+@dataclass(frozen=True)
+class Plan:
+    closed: dict[Cell, tuple[int, ...]]  # cell -> its closed-loop concurrencies ("mix" mixes the others)
+    open_cells: tuple[Cell, ...]  # cells also run open loop, with and without batching
+    rates: tuple[float, ...]  # open loop: multiples of the cell's sustainable rate
+    window_s: float  # open loop: rate x window_s arrivals (at least min_requests)
+    reps: int
+    prompts: int  # distinct requests per cell
+    min_requests: int  # a closed-loop run sends max(c, min_requests) requests; an open-loop run, at least this many
+    max_new_tokens: int
+
+
+def full_plan(reps: int, prompts: int, tokens: int, window_s: float) -> Plan:
+    """The whole sweep for the headline cell (RaLM QA, exact, both modes) and KNN-LM at 8 (the issue's targets);
+    1 and 4 clients for the other retrievers and drafting; about 50 minutes on 2 cores at 3 repetitions."""
+    closed: dict[Cell, tuple[int, ...]] = {("qa-exact", m): (1, 2, 4, 8, 16) for m in MODES}
+    closed |= {("knn", m): (1, 8) for m in MODES}
+    closed |= {(f"qa-{r}", m): (1, 4) for r in ("approx", "sparse") for m in MODES}
+    closed |= {("draft-rest", KV): (1, 4), ("draft-both", KV): (1, 4), ("mix", "mixed"): (1, 8)}
+    return Plan(closed, (HEADLINE,), (0.5, 1.0, 2.0), window_s, reps, prompts, 2, tokens)
+
+
+def quick_plan(tokens: int) -> Plan:
+    """One workload of each kind at 1 and 4 clients, one repetition, one overloaded open-loop run."""
+    closed: dict[Cell, tuple[int, ...]] = {cell: (1, 4) for cell in (
+        ("qa-exact", KV), ("qa-exact", SPEC), ("knn", KV), ("draft-rest", KV), ("mix", "mixed"))}
+    return Plan(closed, (HEADLINE,), (2.0,), 4.0, 1, 4, 2, tokens)
+
+
+def build(workload: str, mode: str, question: str, n: int) -> pb.GenerateRequest:
+    kind, _, arg = workload.partition("-")
+    req = pb.GenerateRequest(mode=MODES[mode], max_new_tokens=n)
+    if mode == SPEC:
+        req.speculation.CopyFrom(SPECULATION)
+    if kind == "knn":  # KNN-LM's defaults: k = 1024, λ = 0.25, exact index
+        req.prompt = f"{question} Background:\n"
+        req.knn.SetInParent()
+        return req
+    req.prompt = qa_prompt(question)
+    req.retriever = RETRIEVERS[arg] if kind == "qa" else cpb.RETRIEVER_KIND_EXACT
+    if kind == "draft":
+        req.draft = DRAFTS[arg]
+    return req
+
+
+@dataclass
+class Reply:
+    key: Key
+    sent: float
+    first: float | None = None  # first chunk carrying tokens
+    done: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # top-2 logit gap at each token (near-tie certificate)
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (arrival time, tokens in it)
+    code: str = "OK"
+
+
+async def stream(stub: gateway_pb2_grpc.GatewayServiceStub, key: Key, req: pb.GenerateRequest) -> Reply:
+    r = Reply(key, time.perf_counter())
+    try:
+        async for chunk in stub.GenerateStream(req, timeout=TIMEOUT_S):
+            now = time.perf_counter()
+            if chunk.HasField("delta"):
+                n = len(chunk.delta.token_ids)
+            else:  # the last message: the whole reply (any tokens not streamed before arrive with it)
+                r.tokens, r.gaps = list(chunk.done.token_ids), list(chunk.done.gaps)
+                n = len(r.tokens) - sum(k for _, k in r.chunks)
+            if n > 0:
+                r.chunks.append((now, n))
+                r.first = r.first or now
+    except grpc.aio.AioRpcError as e:
+        r.code = e.code().name
+    r.done = time.perf_counter()
+    return r
+
+
+async def closed_loop(stub: gateway_pb2_grpc.GatewayServiceStub, keys: list[Key],
+                      reqs: dict[Key, pb.GenerateRequest], c: int, n: int) -> tuple[list[Reply], float, float]:
+    """c clients share n requests; returns the replies, the start and the end of the window (all c busy)."""
+    todo = iter(range(n))
+    replies: list[Reply] = []
+    idle: list[float] = []
+
+    async def client() -> None:
+        for i in todo:  # one iterator shared by the clients: each takes the next request when its previous answers
+            replies.append(await stream(stub, keys[i % len(keys)], reqs[keys[i % len(keys)]]))
+        idle.append(time.perf_counter())
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(c)))
+    return replies, t0, min(idle)
+
+
+async def open_loop(stub: gateway_pb2_grpc.GatewayServiceStub, keys: list[Key], reqs: dict[Key, pb.GenerateRequest],
+                    rate: float, n: int, rng: random.Random) -> tuple[list[Reply], float, float]:
+    """n Poisson arrivals at `rate` per second, each its own call however many are in flight; the window ends
+    with the last reply."""
+    tasks: list[asyncio.Task[Reply]] = []
+    t, t0 = 0.0, time.perf_counter()
+    for i in range(n):
+        await asyncio.sleep(max(0.0, t0 + t - time.perf_counter()))
+        tasks.append(asyncio.create_task(stream(stub, keys[i % len(keys)], reqs[keys[i % len(keys)]])))
+        t += rng.expovariate(rate)
+    replies = list(await asyncio.gather(*tasks))
+    return replies, t0, max(r.done for r in replies)
+
+
+async def lm_counters(addresses: list[str]) -> tuple[int, int] | None:
+    """(forwards, rows) summed over the LM replicas' Stats; None when one does not answer it."""
+    forwards = rows = 0
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                s = await lm_pb2_grpc.LmServiceStub(channel).Stats(lm_pb2.StatsRequest(), timeout=5)
+            except grpc.aio.AioRpcError:
+                return None
+        forwards, rows = forwards + s.forwards, rows + s.rows
+    return forwards, rows
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def measure(replies: list[Reply], t0: float, t_end: float, alone: dict[Key, pb.GenerateReply],
+            before: tuple[int, int] | None, after: tuple[int, int] | None) -> dict:
+    ok = [r for r in replies if r.code == "OK"]
+    verdicts = [compare(alone[r.key].token_ids, alone[r.key].gaps, r.tokens, r.gaps) for r in ok]
+    tokens_per_s = sum(n for r in replies for t, n in r.chunks if t <= t_end) / (t_end - t0)
+    mean_tokens = statistics.mean(len(r.tokens) for r in ok) if ok else 0.0
+    latency = [r.done - r.sent for r in ok]
+    ttft = [r.first - r.sent for r in ok if r.first is not None]
+    batch = (after[1] - before[1]) / (after[0] - before[0]) if before and after and after[0] > before[0] else None
+    return {"tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / mean_tokens if mean_tokens else 0.0,
+            "p50_s": percentile(latency, 50), "p95_s": percentile(latency, 95), "p99_s": percentile(latency, 99),
+            "ttft_p50_s": percentile(ttft, 50), "mean_batch": batch, "requests": len(replies),
+            "errors": Counter(r.code for r in replies if r.code != "OK"),
+            "mismatches": sum(not v.identical for v in verdicts), "near_ties": sum(v.near_tie for v in verdicts)}
+
+
+def row(cell: Cell, batching: bool, concurrency: int, rate: tuple[float, float] | None, runs: list[dict]) -> dict:
+    """One table row from a unit's repetitions; `rate`: (multiple, requests/s) for an open-loop row."""
+    out: dict = {"workload": cell[0], "mode": cell[1], "batching": batching, "loop": "open" if rate else "closed",
+                 "concurrency": concurrency, "rate_x": rate[0] if rate else None,
+                 "rate_per_s": rate[1] if rate else None, "spread": {}}
+    for m in METRICS:
+        values = [r[m] for r in runs if r[m] is not None]
+        out[m] = spread(values)["median"] if values else None
+        out["spread"][m] = spread(values) if values else None
+    errors: Counter[str] = sum((r["errors"] for r in runs), Counter())
+    out |= {"identical": all(r["mismatches"] == 0 for r in runs), "mismatches": sum(r["mismatches"] for r in runs),
+            "near_ties": sum(r["near_ties"] for r in runs), "errors": dict(errors), "requests": runs[0]["requests"],
+            "reps": len(runs)}
+    # shown in the markdown table: median [min, max]
+    text = {m: spread_text([r[m] for r in runs if r[m] is not None], ".1f" if m == "tokens_per_s" else ".2f")
+            if out[m] is not None else "-" for m in METRICS}
+    out |= {"clients": f"{rate[0]}x = {rate[1]:.2f}/s" if rate else concurrency, "tok/s": text["tokens_per_s"],
+            "req/s": text["requests_per_s"], "p50": text["p50_s"], "p95": text["p95_s"], "p99": text["p99_s"],
+            "ttft p50": text["ttft_p50_s"], "batch": text["mean_batch"],
+            "errs": " ".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"}
+    return out
+
+
+class Bench:
+    def __init__(self, plan: Plan, clusters: dict[bool, Cluster], reqs: dict[Key, pb.GenerateRequest],
+                 keys: dict[Cell, list[Key]]) -> None:
+        self.plan, self.clusters, self.reqs, self.keys = plan, clusters, reqs, keys
+        self.alone: dict[Key, pb.GenerateReply] = {}
+        self.alone_s: dict[Key, float] = {}
+
+    async def run(self) -> list[dict]:
+        channels = {b: grpc.aio.insecure_channel(c.gateway) for b, c in self.clusters.items()}
+        try:
+            return await self.phases({b: gateway_pb2_grpc.GatewayServiceStub(ch) for b, ch in channels.items()})
+        finally:
+            for ch in channels.values():
+                await ch.close()
+
+    async def phases(self, stubs: dict[bool, gateway_pb2_grpc.GatewayServiceStub]) -> list[dict]:
+        for b in (False, True):  # 1) warm-up: the first request of each workload
+            for w in dict.fromkeys(k[0] for k in self.reqs):
+                await stubs[b].Generate(self.reqs[next(k for k in self.reqs if k[0] == w)], timeout=TIMEOUT_S)
+        for k, req in self.reqs.items():  # 2) alone, on the batching-off cluster
+            t = time.perf_counter()
+            self.alone[k] = await stubs[False].Generate(req, timeout=TIMEOUT_S)
+            self.alone_s[k] = time.perf_counter() - t
+        p = self.plan
+        units = [(cell, b, c) for cell, cs in p.closed.items() for b in (True, False) for c in cs]
+        bound = p.reps * sum(max(c, p.min_requests) * statistics.mean(self.alone_s[k] for k in self.keys[cell])
+                             for cell, _, c in units)
+        print(f"alone: {len(self.alone)} requests, {statistics.mean(self.alone_s.values()):.2f} s mean; the closed "
+              f"loop takes at most ~{bound / 60:.0f} min (were batching to gain nothing)", flush=True)
+        runs: dict[tuple[Cell, bool, int], list[dict]] = {u: [] for u in units}
+        for rep in range(p.reps):  # 3) closed loop
+            for cell, b, c in rotated(units, rep * len(units) // p.reps):
+                load = closed_loop(stubs[b], self.keys[cell], self.reqs, c, max(c, p.min_requests))
+                runs[cell, b, c].append(await self.unit(b, load))
+                self.log(f"rep {rep} {cell} batching={b} c={c}", runs[cell, b, c][-1])
+        rows = [row(cell, b, c, None, runs[cell, b, c]) for cell, b, c in units]
+        sustainable: dict[tuple[str, str, bool], float] = {}  # the best closed-loop rate of each cell
+        for r in rows:
+            cb = (r["workload"], r["mode"], r["batching"])
+            sustainable[cb] = max(sustainable.get(cb, 0.0), r["requests_per_s"])
+        opens = [(cell, b, x) for cell in p.open_cells for b in (True, False) for x in p.rates]
+        open_runs: dict[tuple[Cell, bool, float], list[dict]] = {u: [] for u in opens}
+        for rep in range(p.reps):  # 4) open loop
+            for cell, b, x in rotated(opens, rep * len(opens) // p.reps):
+                rate, rng = x * sustainable[(*cell, b)], random.Random(f"{rep} {cell} {b} {x}")
+                n = max(p.min_requests, round(rate * p.window_s))
+                load = open_loop(stubs[b], self.keys[cell], self.reqs, rate, n, rng)
+                open_runs[cell, b, x].append(await self.unit(b, load))
+                self.log(f"rep {rep} {cell} batching={b} open {x}x = {rate:.2f}/s", open_runs[cell, b, x][-1])
+        rows += [row(cell, b, 0, (x, x * sustainable[(*cell, b)]), open_runs[cell, b, x]) for cell, b, x in opens]
+        return rows
+
+    async def unit(self, batching: bool, load: Awaitable[tuple[list[Reply], float, float]]) -> dict:
+        """`load` (not started yet) run between two reads of the LM counters."""
+        lms = self.clusters[batching].addresses("lm")
+        before = await lm_counters(lms)
+        replies, t0, t_end = await load
+        return measure(replies, t0, t_end, self.alone, before, await lm_counters(lms))
+
+    @staticmethod
+    def log(label: str, m: dict) -> None:
+        p99 = f"{m['p99_s']:.2f}" if m["p99_s"] is not None else "-"
+        print(f"{label}: {m['tokens_per_s']:.1f} tok/s, p99 {p99} s, batch {m['mean_batch']}, "
+              f"errors {dict(m['errors'])}, mismatches {m['mismatches']} ({m['near_ties']} near-ties)", flush=True)
+
+
+def ratio(rows: list[dict], metric: str, num: tuple[Cell, bool, int], den: tuple[Cell, bool, int]) -> float | None:
+    def get(cell: Cell, batching: bool, c: int) -> float | None:
+        return next((r[metric] for r in rows if (r["workload"], r["mode"], r["batching"], r["concurrency"],
+                                                   r["loop"]) == (*cell, batching, c, "closed")), None)
+
+    a, b = get(*num), get(*den)
+    return a / b if a is not None and b else None
+
+
+def ratio_text(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "not run"
+
+
+def draw(ax, workload: str, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
+    for loop in ("closed", "open"):
+        for mode, batching in dict.fromkeys((r["mode"], r["batching"]) for r in rows if r["workload"] == workload):
+            pts = [r for r in rows if (r["workload"], r["mode"], r["batching"], r["loop"]) ==
+                   (workload, mode, batching, loop) and r["p99_s"] is not None]
+            if pts:
+                label = f"{mode}, batching {'on' if batching else 'off'}" + (", open loop" if loop == "open" else "")
+                ax.plot([r["tokens_per_s"] for r in pts], [r["p99_s"] for r in pts],
+                        marker="o" if loop == "closed" else "x", linestyle="-" if batching else "--", label=label)
+                for r in pts:
+                    ax.annotate(str(r["concurrency"] or f"{r['rate_x']}x"), (r["tokens_per_s"], r["p99_s"]),
+                                fontsize=7)
+    ax.set(title=workload, xlabel="generated tokens/s", ylabel="p99 latency (s)")
+    ax.legend(fontsize=7)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny profile, 1 repetition, 1 and 4 clients, 12 tokens")
+    ap.add_argument("--profile", default=None, help="asset profile (default: default; tiny with --quick)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=4, help="distinct requests per cell")
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (12 with --quick)")
+    ap.add_argument("--window-s", type=float, default=15.0, help="open loop: rate x this many arrivals")
+    ap.add_argument("--name", default=None, help="results file name (default load, load_quick with --quick)")
+    args = ap.parse_args(argv)
+    profile = args.profile or ("tiny" if args.quick else "default")
+    tokens = args.max_new_tokens or (12 if args.quick else 32)
+    plan = quick_plan(tokens) if args.quick else full_plan(args.reps, args.prompts, tokens, args.window_s)
+    settings = GatewaySettings.from_env(profile=profile)
+    if todo := missing(profile, settings.layout, settings.model):
+        raise SystemExit(f"the {profile} profile lacks {', '.join(todo)}: run `ralmspec assets --profile {profile}`")
+    questions = read_questions(settings.layout.questions)
+    picked = [q.question for q in questions[11 :: len(questions) // plan.prompts][: plan.prompts]]
+    base = [cell for cell in plan.closed if cell[0] != "mix"]
+    keys = {cell: [(*cell, i) for i in range(plan.prompts)] for cell in base}
+    keys[("mix", "mixed")] = [keys[cell][i] for i in range(plan.prompts) for cell in base]  # kinds interleaved
+    reqs = {k: build(k[0], k[1], picked[k[2]], plan.max_new_tokens) for cell in base for k in keys[cell]}
+    max_c = max(c for cs in plan.closed.values() for c in cs)
+    cluster_env = {b: {env.CONCURRENCY.name: str(max(8, 2 * max_c)), env.PRESET.name: "+PSA",
+                       env.MAX_BATCH_SEQS.name: env.MAX_BATCH_SEQS.default if b else "1"} for b in (True, False)}
+    with contextlib.ExitStack() as stack:
+        t = time.perf_counter()
+        clusters = {b: stack.enter_context(Cluster(profile, extra_env=cluster_env[b])) for b in (False, True)}
+        print(f"two clusters up after {time.perf_counter() - t:.0f} s", flush=True)
+        bench = Bench(plan, clusters, reqs, keys)
+        rows = asyncio.run(bench.run())
+    headline_knn = ("knn", KV)
+    payload = {
+        "profile": profile, "rows": rows,
+        "speedup_at_8": ratio(rows, "tokens_per_s", (HEADLINE, True, 8), (HEADLINE, False, 8)),
+        "p99_at_8_over_alone": ratio(rows, "p99_s", (HEADLINE, True, 8), (HEADLINE, True, 1)),
+        "speedup_at_16": ratio(rows, "tokens_per_s", (HEADLINE, True, 16), (HEADLINE, False, 16)),
+        "knn_speedup_at_8": ratio(rows, "tokens_per_s", (headline_knn, True, 8), (headline_knn, False, 8)),
+        "ralmspec_over_kv": [{"batching": b, "concurrency": c, "tokens_per_s": ratio(
+            rows, "tokens_per_s", (("qa-exact", SPEC), b, c), (HEADLINE, b, c))}
+            for b in (True, False) for c in plan.closed.get(HEADLINE, ())],
+        "identical": all(r["identical"] for r in rows), "mismatches": sum(r["mismatches"] for r in rows),
+        "near_ties": sum(r["near_ties"] for r in rows),
+        "unexpected_errors": dict(sum((Counter({k: v for k, v in r["errors"].items() if k not in EXPECTED})
+                                       for r in rows), Counter())),
+        "alone_s": {f"{w} {m}": spread([s for k, s in bench.alone_s.items() if k[:2] == (w, m)]) for w, m in base},
+        "plan": {"reps": plan.reps, "prompts": plan.prompts, "max_new_tokens": plan.max_new_tokens,
+                 "min_requests": plan.min_requests, "closed": {f"{w} {m}": cs for (w, m), cs in plan.closed.items()},
+                 "open": [f"{w} {m}" for w, m in plan.open_cells], "rates_x": plan.rates, "window_s": plan.window_s},
+        "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()},
+    }
+    name = args.name or ("load_quick" if args.quick else "load")
+    columns = ["workload", "mode", "batching", "loop", "clients", "tok/s", "req/s", "p50", "p95", "p99", "ttft p50",
+               "batch", "errs", "identical", "near_ties"]
+    got = {k: ratio_text(payload[k]) for k in ("speedup_at_8", "speedup_at_16", "knn_speedup_at_8",
+                                                "p99_at_8_over_alone")}
+    notes = (f"{plan.max_new_tokens} new tokens per request, {plan.prompts} distinct requests per cell, "
+             f"{plan.reps} repetition(s): median [min, max]. Closed loop: `clients` concurrent clients; open loop: "
+             "Poisson arrivals at a multiple of the cell's best closed-loop rate. Batching off = "
+             "`RALMSPEC_MAX_BATCH_SEQS=1`. tok/s: generated tokens streamed while every client was busy (open "
+             "loop: until the last reply); batch: LM rows per forward (`-`: the LM did not answer Stats); "
+             "identical: every request's tokens equal its run alone; near_ties: differing requests whose first "
+             "difference is a certified near-tie (both top-2 gaps < 1e-4).\n\n"
+             f"Throughput, batching on / off at 8 clients (qa-exact, baseline-kv): {got['speedup_at_8']}; at 16: "
+             f"{got['speedup_at_16']}; KNN-LM at 8: {got['knn_speedup_at_8']}. p99 latency at 8 clients / 1 client "
+             f"(batching on): {got['p99_at_8_over_alone']}.")
+    results_io.write(name, payload, columns, f"Load: throughput and latency under concurrent clients ({profile})",
+                     notes)
+    results_io.chart(name, list(dict.fromkeys(r["workload"] for r in rows)), lambda ax, w: draw(ax, w, rows))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
