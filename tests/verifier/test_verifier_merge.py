@@ -52,14 +52,14 @@ def verifier(retriever_ops, window_ms: float):
 
 
 def rounds(retriever_ops) -> list[pb.VerifyRequest]:
-    """Three requests' rounds on the exact retriever: keys near passages, guesses right then wrong somewhere."""
+    """Three requests' 3-step rounds on the exact retriever (keys near passages): all guesses right; the last
+    one wrong; the first one wrong."""
     ret = retriever_ops[1]["exact"]
     rng = np.random.default_rng(2)
     pids = rng.choice(ret.size, 9, replace=False)
     keys = np.asarray(ret.index.vectors[pids], dtype=np.float32) + rng.normal(0, 0.02, (9, ret.dim)).astype(np.float32)
     truth = [h[0].pid for h in ret.search_embedded(list(keys), 1)]
-    guesses = [truth[:3], [*truth[3:5], truth[5] + 1], truth[6:8] + [-1]]  # all right; wrong at 2; wrong at 2
-    guesses[2][0] = truth[0]  # the third round is wrong at its first step
+    guesses = [truth[:3], [*truth[3:5], truth[5] + 1], [truth[0], *truth[7:9]]]  # right; wrong at 2; wrong at 0
     return [pb.VerifyRequest(retriever=EXACT, keys=[key_to_proto(k) for k in keys[3 * i : 3 * i + 3]],
                              guesses=g, k=4) for i, g in enumerate(guesses)]
 
