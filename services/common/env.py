@@ -51,8 +51,9 @@ MAX_QUEUE = EnvVar("RALMSPEC_MAX_QUEUE", "256",
                    "calls a replica (LM scheduler, gateway) holds waiting beyond those it runs; past it "
                    "RESOURCE_EXHAUSTED")
 COALESCE_MS = EnvVar("RALMSPEC_COALESCE_MS", "2",
-                     "retriever/verifier: concurrent searches arriving within this window share one index call; "
-                     "0 = off")
+                     "cross-request batching: the verifier merges rounds arriving within this window into one "
+                     "retriever call; > 0 also lets the retriever batch the searches that find its threads busy; "
+                     "0 = off everywhere")
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY, CLAIM_IDLE_MS,
