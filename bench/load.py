@@ -13,14 +13,18 @@ retriever) and `mix` (the other cells' requests interleaved, each in its own mod
 1) Warm-up: one request per workload on each cluster.
 2) Alone: every distinct request once, nothing else running (batching-off cluster, unary Generate): the reference.
 3) Closed loop: c clients, each sending its next request (GenerateStream) when the previous answers,
-   max(c, min_requests) requests in all, taken in order from the cell's distinct requests. The units
+   `per_client` x c requests in all, taken in order from the cell's distinct requests. The units
    (cell x batching x c) run in an order rotated per repetition.
-4) Open loop: Poisson arrivals at multiples of the sustainable rate of the cell (its best closed-loop requests/s,
-   median of the repetitions), rate x `window_s` of them; every arrival is its own call, however many are in flight.
-Per row, the median over repetitions (`spread`: min, median, max):
-- tokens_per_s: generated tokens streamed to the clients during the load window / its length. Closed loop: the
-  window ends when the first client finds no request left (until then all c are busy); open loop: with the last
-  reply (past the sustainable rate, the queue drains at the cluster's saturated throughput).
+4) Open loop: Poisson arrivals at multiples of the sustainable rate of the cell (its best closed-loop requests/s
+   in the first repetition), rate x `window_s` of them; every arrival is its own call, however many are in flight.
+Each repetition runs 3) then 4); one after the first starts only if it fits in `--budget-min` at the previous
+one's pace (the full run: 3 repetitions planned, at least 1).
+Per row (an open-loop row has concurrency 0, its rate in rate_x and rate_per_s), the median over repetitions
+(`spread`: min, median, max):
+- tokens_per_s: generated tokens streamed to the clients during the load window / its length (a chunk's tokens
+  spread over the time since the previous chunk). Closed loop: the window ends when the first client finds no
+  request left (until then all c are busy); open loop: with the last reply (past the sustainable rate, the queue
+  drains at the cluster's saturated throughput).
 - requests_per_s: tokens_per_s / mean tokens per answered request.
 - p50_s, p95_s, p99_s: send -> last chunk of answered requests; ttft_p50_s: send -> first chunk carrying tokens.
 - mean_batch: Δrows / Δforwards of the LM replicas' `Stats` over the unit (null when the LM does not answer it).
@@ -77,30 +81,42 @@ HEADLINE: Cell = ("qa-exact", KV)
 
 @dataclass(frozen=True)
 class Plan:
-    closed: dict[Cell, tuple[int, ...]]  # cell -> its closed-loop concurrencies ("mix" mixes the others)
+    closed: dict[tuple[Cell, bool], tuple[int, ...]]  # (cell, batching) -> closed-loop concurrencies
     open_cells: tuple[Cell, ...]  # cells also run open loop, with and without batching
     rates: tuple[float, ...]  # open loop: multiples of the cell's sustainable rate
-    window_s: float  # open loop: rate x window_s arrivals (at least min_requests)
+    window_s: float  # open loop: rate x window_s arrivals (at least 2)
     reps: int
     prompts: int  # distinct requests per cell
-    min_requests: int  # a closed-loop run sends max(c, min_requests) requests; an open-loop run, at least this many
+    per_client: int  # closed loop: requests each client sends, one after the other
     max_new_tokens: int
+    budget_s: float = float("inf")  # no repetition after the first starts unless it fits (at the last one's pace)
+
+    @property
+    def cells(self) -> list[Cell]:
+        return list(dict.fromkeys(cell for cell, _ in self.closed))
 
 
-def full_plan(reps: int, prompts: int, tokens: int, window_s: float) -> Plan:
-    """The whole sweep for the headline cell (RaLM QA, exact, both modes) and KNN-LM at 8 (the issue's targets);
-    1 and 4 clients for the other retrievers and drafting; about 50 minutes on 2 cores at 3 repetitions."""
-    closed: dict[Cell, tuple[int, ...]] = {("qa-exact", m): (1, 2, 4, 8, 16) for m in MODES}
-    closed |= {("knn", m): (1, 8) for m in MODES}
-    closed |= {(f"qa-{r}", m): (1, 4) for r in ("approx", "sparse") for m in MODES}
-    closed |= {("draft-rest", KV): (1, 4), ("draft-both", KV): (1, 4), ("mix", "mixed"): (1, 8)}
-    return Plan(closed, (HEADLINE,), (0.5, 1.0, 2.0), window_s, reps, prompts, 2, tokens)
+def both(cells: dict[Cell, tuple[int, ...]]) -> dict[tuple[Cell, bool], tuple[int, ...]]:
+    return {(cell, b): cs for cell, cs in cells.items() for b in (True, False)}
+
+
+def full_plan(reps: int, prompts: int, tokens: int, window_s: float, budget_min: float) -> Plan:
+    """The issue's targets in full: RaLM QA (exact) at 1-16 clients, baseline-kv with and without batching,
+    +PSA with it; KNN-LM at 8. The rest at fewer points. About 15-20 minutes a repetition on 2 cores (2 requests
+    per client, ~3.5 s a request alone on `default`)."""
+    sweep = (1, 2, 4, 8, 16)
+    closed = both({HEADLINE: sweep, ("knn", KV): (1, 8), ("mix", "mixed"): (1, 4), ("draft-rest", KV): (4,),
+                   ("draft-both", KV): (4,)})
+    closed |= both({(f"qa-{r}", KV): (4,) for r in ("approx", "sparse")})
+    closed |= {(("qa-exact", SPEC), True): sweep, (("knn", SPEC), True): (1, 8), (("qa-approx", SPEC), True): (4,),
+               (("qa-sparse", SPEC), True): (4,), (("qa-exact", SPEC), False): (1,), (("knn", SPEC), False): (1,)}
+    return Plan(closed, (HEADLINE,), (0.5, 1.0, 2.0), window_s, reps, prompts, 2, tokens, budget_min * 60)
 
 
 def quick_plan(tokens: int) -> Plan:
     """One workload of each kind at 1 and 4 clients, one repetition, one overloaded open-loop run."""
-    closed: dict[Cell, tuple[int, ...]] = {cell: (1, 4) for cell in (
-        ("qa-exact", KV), ("qa-exact", SPEC), ("knn", KV), ("draft-rest", KV), ("mix", "mixed"))}
+    closed = both({cell: (1, 4) for cell in (
+        ("qa-exact", KV), ("qa-exact", SPEC), ("knn", KV), ("draft-rest", KV), ("mix", "mixed"))})
     return Plan(closed, (HEADLINE,), (2.0,), 4.0, 1, 4, 2, tokens)
 
 
@@ -195,6 +211,19 @@ async def lm_counters(addresses: list[str]) -> tuple[int, int] | None:
     return forwards, rows
 
 
+def tokens_until(r: Reply, t_end: float) -> float:
+    """Tokens `r` streamed by t_end, a chunk's tokens spread evenly over the time since the previous chunk (a RaLM
+    stride arrives in one piece: counting whole chunks would miss the part of each stride in flight at t_end)."""
+    total, prev = 0.0, r.sent
+    for t, n in r.chunks:
+        if t <= t_end:
+            total += n
+        elif prev < t_end:  # t_end falls inside this chunk's interval
+            total += n * (t_end - prev) / (t - prev)
+        prev = t
+    return total
+
+
 def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
@@ -203,7 +232,7 @@ def measure(replies: list[Reply], t0: float, t_end: float, alone: dict[Key, pb.G
             before: tuple[int, int] | None, after: tuple[int, int] | None) -> dict:
     ok = [r for r in replies if r.code == "OK"]
     verdicts = [compare(alone[r.key].token_ids, alone[r.key].gaps, r.tokens, r.gaps) for r in ok]
-    tokens_per_s = sum(n for r in replies for t, n in r.chunks if t <= t_end) / (t_end - t0)
+    tokens_per_s = sum(tokens_until(r, t_end) for r in replies) / (t_end - t0)
     mean_tokens = statistics.mean(len(r.tokens) for r in ok) if ok else 0.0
     latency = [r.done - r.sent for r in ok]
     ttft = [r.first - r.sent for r in ok if r.first is not None]
@@ -244,6 +273,7 @@ class Bench:
         self.plan, self.clusters, self.reqs, self.keys = plan, clusters, reqs, keys
         self.alone: dict[Key, pb.GenerateReply] = {}
         self.alone_s: dict[Key, float] = {}
+        self.started = time.perf_counter()  # the budget counts from here: the clusters are up
 
     async def run(self) -> list[dict]:
         channels = {b: grpc.aio.insecure_channel(c.gateway) for b, c in self.clusters.items()}
@@ -262,33 +292,35 @@ class Bench:
             self.alone[k] = await stubs[False].Generate(req, timeout=TIMEOUT_S)
             self.alone_s[k] = time.perf_counter() - t
         p = self.plan
-        units = [(cell, b, c) for cell, cs in p.closed.items() for b in (True, False) for c in cs]
-        bound = p.reps * sum(max(c, p.min_requests) * statistics.mean(self.alone_s[k] for k in self.keys[cell])
-                             for cell, _, c in units)
-        print(f"alone: {len(self.alone)} requests, {statistics.mean(self.alone_s.values()):.2f} s mean; the closed "
-              f"loop takes at most ~{bound / 60:.0f} min (were batching to gain nothing)", flush=True)
+        units = [(cell, b, c) for (cell, b), cs in p.closed.items() for c in cs]
+        opens = [(cell, b, x) for cell in p.open_cells for b in (True, False) for x in p.rates]
+        print(f"alone: {len(self.alone)} requests, {statistics.mean(self.alone_s.values()):.2f} s mean", flush=True)
         runs: dict[tuple[Cell, bool, int], list[dict]] = {u: [] for u in units}
-        for rep in range(p.reps):  # 3) closed loop
-            for cell, b, c in rotated(units, rep * len(units) // p.reps):
-                load = closed_loop(stubs[b], self.keys[cell], self.reqs, c, max(c, p.min_requests))
+        open_runs: dict[tuple[Cell, bool, float], list[dict]] = {u: [] for u in opens}
+        rates: dict[tuple[Cell, bool], float] = {}
+        last = 0.0
+        for rep in range(p.reps):
+            if rep and time.perf_counter() - self.started + last > p.budget_s:
+                print(f"stopping after {rep} repetitions: another would pass the {p.budget_s / 60:.0f} min budget")
+                break
+            t_rep = time.perf_counter()
+            for cell, b, c in rotated(units, rep * len(units) // p.reps):  # 3) closed loop
+                load = closed_loop(stubs[b], self.keys[cell], self.reqs, c, c * p.per_client)
                 runs[cell, b, c].append(await self.unit(b, load))
                 self.log(f"rep {rep} {cell} batching={b} c={c}", runs[cell, b, c][-1])
-        rows = [row(cell, b, c, None, runs[cell, b, c]) for cell, b, c in units]
-        sustainable: dict[tuple[str, str, bool], float] = {}  # the best closed-loop rate of each cell
-        for r in rows:
-            cb = (r["workload"], r["mode"], r["batching"])
-            sustainable[cb] = max(sustainable.get(cb, 0.0), r["requests_per_s"])
-        opens = [(cell, b, x) for cell in p.open_cells for b in (True, False) for x in p.rates]
-        open_runs: dict[tuple[Cell, bool, float], list[dict]] = {u: [] for u in opens}
-        for rep in range(p.reps):  # 4) open loop
-            for cell, b, x in rotated(opens, rep * len(opens) // p.reps):
-                rate, rng = x * sustainable[(*cell, b)], random.Random(f"{rep} {cell} {b} {x}")
-                n = max(p.min_requests, round(rate * p.window_s))
-                load = open_loop(stubs[b], self.keys[cell], self.reqs, rate, n, rng)
+            if rep == 0:  # each cell's sustainable rate: its best closed-loop requests/s in the first repetition
+                for cell, b, c in units:
+                    rates[cell, b] = max(rates.get((cell, b), 0.0), runs[cell, b, c][0]["requests_per_s"])
+            for cell, b, x in rotated(opens, rep * len(opens) // p.reps):  # 4) open loop
+                rng = random.Random(f"{rep} {cell} {b} {x}")
+                n = max(2, round(x * rates[cell, b] * p.window_s))
+                load = open_loop(stubs[b], self.keys[cell], self.reqs, x * rates[cell, b], n, rng)
                 open_runs[cell, b, x].append(await self.unit(b, load))
-                self.log(f"rep {rep} {cell} batching={b} open {x}x = {rate:.2f}/s", open_runs[cell, b, x][-1])
-        rows += [row(cell, b, 0, (x, x * sustainable[(*cell, b)]), open_runs[cell, b, x]) for cell, b, x in opens]
-        return rows
+                self.log(f"rep {rep} {cell} batching={b} open {x}x = {x * rates[cell, b]:.2f}/s",
+                         open_runs[cell, b, x][-1])
+            last = time.perf_counter() - t_rep
+        return [row(cell, b, c, None, runs[cell, b, c]) for cell, b, c in units] + [
+            row(cell, b, 0, (x, x * rates[cell, b]), open_runs[cell, b, x]) for cell, b, x in opens]
 
     async def unit(self, batching: bool, load: Awaitable[tuple[list[Reply], float, float]]) -> dict:
         """`load` (not started yet) run between two reads of the LM counters."""
@@ -335,9 +367,12 @@ def draw(ax, workload: str, rows: list[dict]) -> None:  # type: ignore[no-untype
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny profile, 1 repetition, 1 and 4 clients, 12 tokens")
+    ap.add_argument("--quick", action="store_true", help="tiny profile, 1 rep, 1 and 4 clients x 2 requests, 12 tokens")
     ap.add_argument("--profile", default=None, help="asset profile (default: default; tiny with --quick)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions, as many as fit in --budget-min")
+    ap.add_argument("--budget-min", type=float, default=52.0,
+                    help="minutes from the clusters being up; a repetition after the first starts only if it "
+                         "fits at the previous one's pace")
     ap.add_argument("--prompts", type=int, default=4, help="distinct requests per cell")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (12 with --quick)")
     ap.add_argument("--window-s", type=float, default=15.0, help="open loop: rate x this many arrivals")
@@ -345,13 +380,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     profile = args.profile or ("tiny" if args.quick else "default")
     tokens = args.max_new_tokens or (12 if args.quick else 32)
-    plan = quick_plan(tokens) if args.quick else full_plan(args.reps, args.prompts, tokens, args.window_s)
+    plan = quick_plan(tokens) if args.quick else full_plan(args.reps, args.prompts, tokens, args.window_s,
+                                                           args.budget_min)
     settings = GatewaySettings.from_env(profile=profile)
     if todo := missing(profile, settings.layout, settings.model):
         raise SystemExit(f"the {profile} profile lacks {', '.join(todo)}: run `ralmspec assets --profile {profile}`")
     questions = read_questions(settings.layout.questions)
     picked = [q.question for q in questions[11 :: len(questions) // plan.prompts][: plan.prompts]]
-    base = [cell for cell in plan.closed if cell[0] != "mix"]
+    base = [cell for cell in plan.cells if cell[0] != "mix"]
     keys = {cell: [(*cell, i) for i in range(plan.prompts)] for cell in base}
     keys[("mix", "mixed")] = [keys[cell][i] for i in range(plan.prompts) for cell in base]  # kinds interleaved
     reqs = {k: build(k[0], k[1], picked[k[2]], plan.max_new_tokens) for cell in base for k in keys[cell]}
@@ -364,45 +400,55 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"two clusters up after {time.perf_counter() - t:.0f} s", flush=True)
         bench = Bench(plan, clusters, reqs, keys)
         rows = asyncio.run(bench.run())
-    headline_knn = ("knn", KV)
-    payload = {
-        "profile": profile, "rows": rows,
+    payload = {"profile": profile, "rows": rows, **summary(rows, plan), "alone_s": {
+        f"{w} {m}": spread([s for k, s in bench.alone_s.items() if k[:2] == (w, m)]) for w, m in base},
+        "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()}}
+    report(args.name or ("load_quick" if args.quick else "load"), payload, plan)
+    return payload
+
+
+def summary(rows: list[dict], plan: Plan) -> dict:
+    """The issue's target ratios (null where the plan lacks the rows), equivalence and errors over all rows."""
+    knn = ("knn", KV)
+    return {
         "speedup_at_8": ratio(rows, "tokens_per_s", (HEADLINE, True, 8), (HEADLINE, False, 8)),
         "p99_at_8_over_alone": ratio(rows, "p99_s", (HEADLINE, True, 8), (HEADLINE, True, 1)),
         "speedup_at_16": ratio(rows, "tokens_per_s", (HEADLINE, True, 16), (HEADLINE, False, 16)),
-        "knn_speedup_at_8": ratio(rows, "tokens_per_s", (headline_knn, True, 8), (headline_knn, False, 8)),
+        "knn_speedup_at_8": ratio(rows, "tokens_per_s", (knn, True, 8), (knn, False, 8)),
         "ralmspec_over_kv": [{"batching": b, "concurrency": c, "tokens_per_s": ratio(
             rows, "tokens_per_s", (("qa-exact", SPEC), b, c), (HEADLINE, b, c))}
-            for b in (True, False) for c in plan.closed.get(HEADLINE, ())],
+            for b in (True, False) for c in plan.closed.get((("qa-exact", SPEC), b), ())],
         "identical": all(r["identical"] for r in rows), "mismatches": sum(r["mismatches"] for r in rows),
         "near_ties": sum(r["near_ties"] for r in rows),
         "unexpected_errors": dict(sum((Counter({k: v for k, v in r["errors"].items() if k not in EXPECTED})
                                        for r in rows), Counter())),
-        "alone_s": {f"{w} {m}": spread([s for k, s in bench.alone_s.items() if k[:2] == (w, m)]) for w, m in base},
         "plan": {"reps": plan.reps, "prompts": plan.prompts, "max_new_tokens": plan.max_new_tokens,
-                 "min_requests": plan.min_requests, "closed": {f"{w} {m}": cs for (w, m), cs in plan.closed.items()},
+                 "per_client": plan.per_client,
+                 "closed": {f"{w} {m} batching {'on' if b else 'off'}": cs for ((w, m), b), cs in plan.closed.items()},
                  "open": [f"{w} {m}" for w, m in plan.open_cells], "rates_x": plan.rates, "window_s": plan.window_s},
-        "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()},
     }
-    name = args.name or ("load_quick" if args.quick else "load")
-    columns = ["workload", "mode", "batching", "loop", "clients", "tok/s", "req/s", "p50", "p95", "p99", "ttft p50",
-               "batch", "errs", "identical", "near_ties"]
+
+
+def report(name: str, payload: dict, plan: Plan) -> None:
+    rows = payload["rows"]
     got = {k: ratio_text(payload[k]) for k in ("speedup_at_8", "speedup_at_16", "knn_speedup_at_8",
                                                 "p99_at_8_over_alone")}
     notes = (f"{plan.max_new_tokens} new tokens per request, {plan.prompts} distinct requests per cell, "
-             f"{plan.reps} repetition(s): median [min, max]. Closed loop: `clients` concurrent clients; open loop: "
-             "Poisson arrivals at a multiple of the cell's best closed-loop rate. Batching off = "
-             "`RALMSPEC_MAX_BATCH_SEQS=1`. tok/s: generated tokens streamed while every client was busy (open "
-             "loop: until the last reply); batch: LM rows per forward (`-`: the LM did not answer Stats); "
-             "identical: every request's tokens equal its run alone; near_ties: differing requests whose first "
-             "difference is a certified near-tie (both top-2 gaps < 1e-4).\n\n"
+             f"{plan.reps} repetition(s): median [min, max]. Closed loop: `clients` concurrent clients, "
+             f"{plan.per_client} requests each; open loop: Poisson arrivals at a multiple of the cell's best "
+             "closed-loop rate. Batching off = `RALMSPEC_MAX_BATCH_SEQS=1`. tok/s: generated tokens streamed while "
+             "every client was busy (open loop: until the last reply); batch: LM rows per forward (`-`: the LM did "
+             "not answer Stats); identical: every request's tokens equal its run alone; near_ties: differing "
+             "requests whose first difference is a certified near-tie (both top-2 gaps < 1e-4). Definitions: "
+             "`bench/load.py`.\n\n"
              f"Throughput, batching on / off at 8 clients (qa-exact, baseline-kv): {got['speedup_at_8']}; at 16: "
              f"{got['speedup_at_16']}; KNN-LM at 8: {got['knn_speedup_at_8']}. p99 latency at 8 clients / 1 client "
              f"(batching on): {got['p99_at_8_over_alone']}.")
-    results_io.write(name, payload, columns, f"Load: throughput and latency under concurrent clients ({profile})",
-                     notes)
+    columns = ["workload", "mode", "batching", "loop", "clients", "tok/s", "req/s", "p50", "p95", "p99", "ttft p50",
+               "batch", "errs", "identical", "near_ties"]
+    results_io.write(name, payload, columns,
+                     f"Load: throughput and latency under concurrent clients ({payload['profile']})", notes)
     results_io.chart(name, list(dict.fromkeys(r["workload"] for r in rows)), lambda ax, w: draw(ax, w, rows))
-    return payload
 
 
 if __name__ == "__main__":
