@@ -20,7 +20,8 @@ def test_paper_and_kv_reuse_emit_identical_tokens(engine, questions, retriever, 
         paper = engine.generate(qa_prompt(q.question), RalmConfig(mode="paper", **LONG), retriever)
         same_tokens(paper, kv, f"{retriever} {q.id}")
         assert kv.retrievals == paper.retrievals == len(kv.doc_ids) == -(-len(kv.tokens) // 4)
-        assert kv.lm_forwards == paper.lm_forwards
+        # the same steps; the paper re-prefills longer sequences, and past a 128-token chunk that takes more forwards
+        assert kv.lm_forwards <= paper.lm_forwards
         changed += len(set(kv.doc_ids)) > 1
     assert changed > 0  # the document did change inside some answers: reuse was really exercised
 
