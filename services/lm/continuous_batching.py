@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from services.common import env
@@ -83,7 +83,7 @@ class BatchStats:
     refused: int = 0
     expired: int = 0
     busy_s: float = 0.0
-    step_s: float = field(default=0.05)  # moving average of one forward (the retry hint's unit)
+    step_s: float = 0.05  # moving average of one forward (the retry hint's unit)
 
 
 class Scheduler:

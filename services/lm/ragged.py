@@ -49,7 +49,11 @@ class KvStore:
         self.k: list[torch.Tensor | None] = [None] * layers  # [kv heads, capacity, head dim]
         self.v: list[torch.Tensor | None] = [None] * layers
         self.pos = torch.empty(0, dtype=torch.long)  # [length] position id of each slot
-        self.length = 0
+
+    @property
+    def length(self) -> int:
+        """Slots held (committed)."""
+        return len(self.pos)
 
     @property
     def capacity(self) -> int:
@@ -76,12 +80,10 @@ class KvStore:
         return held_k[:, :end], held_v[:, :end]
 
     def commit(self, positions: torch.Tensor) -> None:
-        self.pos = torch.cat([self.pos[: self.length], positions])
-        self.length = len(self.pos)
+        self.pos = torch.cat([self.pos, positions])
 
     def crop(self, n: int) -> None:
-        self.length = min(self.length, n)
-        self.pos = self.pos[: self.length]
+        self.pos = self.pos[:n]
 
     @torch.inference_mode()
     def compact(self, keep: torch.Tensor) -> None:
@@ -91,7 +93,6 @@ class KvStore:
                 k[:, : len(keep)] = k.index_select(1, keep)
                 v[:, : len(keep)] = v.index_select(1, keep)
         self.pos = self.pos[keep]
-        self.length = len(keep)
 
 
 @dataclass
@@ -226,7 +227,8 @@ def forward(lm: LoadedLM, feeds: Sequence[Feed]) -> list[Fed]:
     """One model forward over every feed's tokens; each feed's store gains its tokens' keys and values. Results
     in the order of `feeds`."""
     prepare(lm)
-    order = sorted(range(len(feeds)), key=lambda i: not _narrow(feeds[i]))  # decodes first (stable)
+    narrow = [_narrow(f) for f in feeds]
+    order = sorted(range(len(feeds)), key=lambda i: not narrow[i])  # decodes first (stable)
     segments: list[_Segment] = []
     keep: list[int] = []
     start = 0
@@ -242,7 +244,7 @@ def forward(lm: LoadedLM, feeds: Sequence[Feed]) -> list[Fed]:
     ids = torch.tensor([[t for s in segments for t in s.feed.tokens]], dtype=torch.long, device=dev)  # [1, T]
     pos = torch.cat([s.feed.positions for s in segments])[None].to(dev)  # [1, T]
     want_hidden = any(f.hidden for f in feeds)
-    token = _NARROW_ROWS.set(sum(_narrow(f) for f in feeds))
+    token = _NARROW_ROWS.set(sum(narrow))
     try:
         out = lm.model(input_ids=ids, position_ids=pos, attention_mask=NO_MASK.to(dev), use_cache=False,
                        logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=dev),

@@ -119,7 +119,8 @@ def tree_step_work(session: Session, seq: Sequence[int], tokens: Any, parents: A
     logits after them, so the next step (after `seq` + emitted) feeds only the bonus token.
 
     Sliding-window models (Gemma 3) whose context plus tree would outgrow the window fall back to one plain
-    token: past the window the cache has evicted positions, so a node-selective compaction cannot be done."""
+    token (a rule from when the cache evicted positions past the window; the KvStore keeps them all now, so the
+    fallback could go once trees past the window are tested)."""
     tok, par = tree_arrays(tokens, parents)
     out = Emitted()
     if max_new < 1:

@@ -70,14 +70,14 @@ def test_calls_are_bit_identical_alone_and_batched(lm, seqs) -> None:
     settings = LmSettings(prefill_chunk=64)
     alone_eng, batch_eng = LmEngine(lm, settings=settings), LmEngine(lm, settings=settings)
     alone = [run(lm, w) for _, _, w in calls(alone_eng, ps)]
+    batched = calls(batch_eng, ps)
     sched = Scheduler(lm, BatchLimits(max_batch_seqs=seqs, max_batch_tokens=256), batch_eng.kv_held)
     try:
-        futures = [sched.submit(sid, w) for _, sid, w in calls(batch_eng, ps)]
+        futures = [sched.submit(sid, w) for _, sid, w in batched]
         together = [f.result(timeout=300) for f in futures]
     finally:
         sched.close()
-    kinds = [k for k, _, _ in calls(LmEngine(lm), ps)]
-    for kind, a, b in zip(kinds, alone, together):
+    for (kind, _, _), a, b in zip(batched, alone, together):
         assert same(a, b), f"{kind}: batched output differs from the call alone"
     st = sched.stats
     assert st.forwards > 0 and st.rows / st.forwards > (1.5 if seqs > 1 else 0.99)
