@@ -16,8 +16,6 @@ import argparse
 import statistics
 from pathlib import Path
 
-import numpy as np
-
 from bench import results_io
 from bench.results_io import write
 from services.common.equivalence import compare
@@ -31,7 +29,7 @@ from services.lm.knn_mixing import perplexity
 from services.lm.types import KnnLmConfig
 from services.retriever.corpus import read_passages
 from services.retriever.docstore import DocStore
-from services.retriever.knn_index import KnnDatastore
+from services.retriever.knn_index import KnnDatastore, held_out_passages
 
 METHODS = {"spec": "ralmspec", "+P": "+P", "+S": "+S", "+A": "+A", "+PSA": "+PSA"}  # row name -> preset
 
@@ -45,12 +43,18 @@ def warm(folder: Path) -> None:
                 pass
 
 
-def held_out(ds: KnnDatastore, docs: DocStore) -> list[int]:
-    inside = set(np.unique(ds.text).tolist())
-    return [i for i in range(len(docs)) if i not in inside]
+def held_out(settings: GatewaySettings, docs: DocStore) -> list[int]:
+    return held_out_passages(settings.layout.knn_datastore(settings.model), len(docs))
 
 
 GRID = [KnnLmConfig(lam=lam, temperature=t) for t in (1.0, 10.0, 100.0, 1000.0) for lam in (0.05, 0.1, 0.25)]
+
+
+def held_out_prompts(settings: GatewaySettings, n: int, docs: DocStore | None = None) -> list[str]:
+    """Openings (24 words) of n passages held out of the datastore: text KNN-LM continues for many tokens."""
+    docs = docs or DocStore(read_passages(settings.layout.passages))
+    held = held_out(settings, docs)
+    return [" ".join(docs.document(i).split()[:24]) for i in held[:: max(1, len(held) // n)]][:n]
 
 
 def perplexities(knn: KnnLmEngine, ds: KnnDatastore, lm: LmEngine, docs: DocStore, held: list[int], n: int) -> dict:
@@ -99,9 +103,23 @@ def run_grid(knn: KnnLmEngine, prompts: list[str], size: int, indexes: list[str]
                     "lm_ms_per_token": 1000 * statistics.mean(r.lm_s for r in rs) / n_tok,
                     "identical": all(v.identical for v in verdicts),
                     "near_ties": sum(v.near_tie for v in verdicts), "mismatches": sum(not v.ok for v in verdicts),
+                    "ceiling": t_base / t_lm,  # 1 / (1 - search share): every search hidden
+                    "timeline_ms_per_token": timeline(rs, n_tok),
                 })
                 print(rows[-1], flush=True)
     return rows
+
+
+def timeline(runs: list[RalmResult], n_tok: float) -> dict[str, float]:
+    """Mean milliseconds per token on the critical path by phase (`SpeculationLoop.timeline`); the baseline's
+    runs split into its LM and its searches."""
+    if not any("timeline_s" in r.stats for r in runs):
+        return {"key": 1000 * statistics.mean(r.lm_s for r in runs) / n_tok,
+                "search": 1000 * statistics.mean(r.retrieval_s for r in runs) / n_tok}
+    phases = sorted({p for r in runs for p in r.stats["timeline_s"]})
+    out = {p: 1000 * statistics.mean(r.stats["timeline_s"].get(p, 0.0) for r in runs) / n_tok for p in phases}
+    out["other"] = 1000 * statistics.mean(r.total_s - sum(r.stats["timeline_s"].values()) for r in runs) / n_tok
+    return out
 
 
 def main() -> None:
@@ -125,9 +143,8 @@ def main() -> None:
         knn = open_knnlm(settings, lm, ds)
         warm(settings.layout.knn_datastore(settings.model))
         docs = DocStore(read_passages(settings.layout.passages))
-        held = held_out(ds, docs)
-        prompts = [" ".join(docs.document(i).split()[:24]) for i in held[:: max(1, len(held) // args.prompts)]]
-        prompts = prompts[: args.prompts]
+        held = held_out(settings, docs)
+        prompts = held_out_prompts(settings, args.prompts, docs)
         size = ds.size
         sizes[profile] = size
         knn.generate(prompts[0], KnnRequest(4))  # warm up

@@ -95,7 +95,7 @@ def main() -> None:
     seqs = []
     for q in picked:
         prompt = engine.encode(qa_prompt(q.question))
-        pid = exact.search([engine.query(prompt, RalmConfig())], 1)[0][0].pid
+        pid = exact.search([engine.query(prompt, RalmConfig(), engine.query_floor(prompt))], 1)[0][0].pid
         seqs.append(engine.bos + list(engine.doc_ids(pid, 256)) + prompt)
     n = args.max_new_tokens
     decode(engine, seqs[0], 4, "none", 8)  # warm up

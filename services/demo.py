@@ -3,7 +3,8 @@
 For each question and retriever it asks the gateway twice, as the KV-reuse baseline and with RaLMSpec
 (the gateway's default switches), prints the answer and passages, checks the tokens are identical, and ends
 with the speedup of RaLMSpec over the baselines on these questions (both measured through the services).
-Then KNN-LM (a datastore search at every token) continues a few texts, baseline vs speculative, the same way.
+Then KNN-LM (a datastore search at every token) continues the openings of passages held out of its datastore,
+baseline vs speculative, the same way.
 
 First answer fast: when the profile's assets are not built yet (about half an hour for `default` on 2 CPU
 cores: corpus archive, 14.9k passage embeddings, a 600k-entry KNN-LM datastore), the demo first builds the
@@ -27,6 +28,8 @@ from services.common import env
 from services.common.layout import Layout
 from services.common.wire import retriever_kind
 from services.retriever.corpus import read_questions
+from services.retriever.docstore import DocStore
+from services.retriever.knn_index import held_out_passages
 from services.up import Cluster
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,7 +63,7 @@ def main() -> None:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             ask(stub, picked, args.max_new_tokens)
             try:
-                knn(stub, picked, args.max_new_tokens)
+                knn(stub, args.profile, args.questions, args.max_new_tokens)
             except grpc.RpcError as e:  # the profile's KNN datastore was not built (`ralmspec assets --skip knn`)
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
@@ -91,11 +94,12 @@ def first_answer(t0: float, max_new_tokens: int) -> None:
 def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_tokens: int) -> None:  # type: ignore[type-arg]
     times: dict[tuple[str, str], list[float]] = {}
     same = total = 0
-    for q in questions:
+    order = list(MODES.items())
+    for i, q in enumerate(questions):
         print(f"Q: {q.question}   (gold: {' | '.join(q.answers)})")
         for retriever in ("exact", "approx", "sparse"):
             replies = {}
-            for mode, m in MODES.items():
+            for mode, m in order[i % 3:] + order[: i % 3]:  # rotated per question: no mode always runs first
                 req = pb.GenerateRequest(question=q.question, retriever=retriever_kind(retriever), mode=m,
                                          max_new_tokens=max_new_tokens)
                 replies[mode] = stub.Generate(req, timeout=600)
@@ -117,18 +121,25 @@ def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_toke
 
 
 
-def knn(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_tokens: int) -> None:  # type: ignore[type-arg]
-    print("\nKNN-LM (k = 1024, λ = 0.25, exact index), continuing each question as text:")
+def knn(stub: gateway_pb2_grpc.GatewayServiceStub, profile: str, n: int, max_new_tokens: int) -> None:  # type: ignore[type-arg]
+    """KNN-LM continuing the openings of passages held out of its datastore (text that goes on, unlike a
+    question, which the LM answers with an end of text at once), baseline and speculative in rotated order."""
+    lay = Layout.for_profile(profile)
+    docs = DocStore.load(lay.passages)
+    held = held_out_passages(lay.knn_datastore(env.MODEL.get()), len(docs))
+    prompts = [" ".join(docs.document(i).split()[:24]) for i in held[:: max(1, len(held) // n)][:n]]
+    print(f"\nKNN-LM (k = 1024, λ = 0.25, exact index), continuing {len(prompts)} passages held out of its datastore:")
+    modes = [("baseline", pb.MODE_BASELINE_KV), ("ralmspec", pb.MODE_RALMSPEC)]
     times: dict[str, list[float]] = {"baseline": [], "ralmspec": []}
-    for q in questions:
-        replies = {mode: stub.Generate(pb.GenerateRequest(prompt=q.question, max_new_tokens=max_new_tokens,
-                                                          mode=m, knn=pb.Knn()), timeout=600)
-                   for mode, m in (("baseline", pb.MODE_BASELINE_KV), ("ralmspec", pb.MODE_RALMSPEC))}
-        for mode, r in replies.items():
-            times[mode].append(r.stats.time.total_s)
+    for i, p in enumerate(prompts):
+        replies = {}
+        for mode, m in modes[i % 2:] + modes[: i % 2]:
+            replies[mode] = stub.Generate(pb.GenerateRequest(prompt=p, max_new_tokens=max_new_tokens, mode=m,
+                                                             knn=pb.Knn()), timeout=600)
+            times[mode].append(replies[mode].stats.time.total_s)
         r = replies["ralmspec"]
         ok = list(r.token_ids) == list(replies["baseline"].token_ids)
-        print(f"  {q.question!r} -> {r.text!r}  identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}")
+        print(f"  {p[:60]!r}... -> {r.text!r}\n    identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}")
     base, spec = statistics.mean(times["baseline"]), statistics.mean(times["ralmspec"])
     print(f"  mean latency per request: baseline {base:.2f} s, speculative {spec:.2f} s -> {base / spec:.2f}x")
 

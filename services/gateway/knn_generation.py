@@ -130,6 +130,7 @@ class KnnLmEngine:
         self.tok, self.backends = tokenizer, backends
         self.stop_sets = stops or StopSets.of(tokenizer)
         self._pool = verification_pool(verify_workers)
+        self._books = verification_pool(verify_workers, "books")
 
     def encode(self, text: str) -> list[int]:
         ids = list(self.tok(text, add_special_tokens=False).input_ids)  # type: ignore[operator]
@@ -199,7 +200,7 @@ class KnnLmEngine:
             cache = self.backends.caches()
             opened.callback(cache.close)
             steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.cached_successors(spec), res)
-            out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals
         res.stats.update(out.stats)
@@ -241,6 +242,10 @@ class _TokenSteps:
     def verify(self, keys: list[_Key], guesses: list[Neighbours | None]) -> list[Neighbours]:
         knn = self.req.knn
         return self.eng.backends.verifier.neighbours(np.stack([k.hidden for k in keys]), knn.k, knn.index)
+
+    def retrieve(self, key: _Key) -> Neighbours:
+        knn = self.req.knn
+        return self.eng.backends.search.neighbours(key.hidden[None], knn.k, knn.index)[0]
 
     def agrees(self, key: _Key, guess: Neighbours | None, truth: Neighbours, emitted: list[int] | None) -> bool:
         # the paper's relaxed rule: the guessed neighbours may differ as long as they emit the same token

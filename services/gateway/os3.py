@@ -18,6 +18,11 @@ Two additions to the paper's objective, both exact accounting rather than new he
   which starts at s = 1, would lose time to every wrong guess.
 γ is estimated online as ΣM / (ΣM + #{rounds with M < s}) over a window of recent rounds (M = matched
 steps), capped (RaLMSpec's code caps it at 0.6) so one lucky window cannot push s far out.
+No gamble before evidence: with s = 0 allowed, the scheduler takes plain steps until it has measured a, b and
+`min_rounds` outcomes (plain steps observe all three for free: their step time, their search, and a shadow
+lookup of the cache that says whether a guess would have been right). RaLMSpec's code starts at a fixed stride;
+on a CPU, where a wrong document guess costs a document prefill (~0.5 s) and the search it saves 5-30 ms,
+that first unprofitable round cost more than a whole request could win back.
 A third addition: b depends on s. The paper treats a batched verification as one cost, which holds on a GPU;
 on a CPU a batch of s exact searches costs up to s single ones (FAISS scans once per query below its BLAS
 threshold, `services/retriever/dense.py`). So b(s) = b0 + b1·s is fitted online by least squares over recent
@@ -70,7 +75,8 @@ class OS3Config:
     window: int = 5  # rounds in the γ estimate (RaLMSpec's code: 5)
     gamma_cap: float = 0.6  # RaLMSpec's code caps γ at 0.6
     max_stride: int = 16
-    initial_stride: int = 3  # before any round has been observed (the paper's fixed stride)
+    initial_stride: int = 3  # before any evidence, when plain steps are not allowed (the paper's fixed stride)
+    min_rounds: int = 3  # outcomes observed before the first speculation (with allow_plain)
     asynchronous: bool = False
     latency_window: int = 16  # recent a / b samples averaged
     allow_plain: bool = True  # s = 0 (plain retrieval step) is a candidate
@@ -118,9 +124,14 @@ class OS3:
             return 0.0
         return min(self.config.gamma_cap, matched / (matched + misses))
 
+    def evidence(self) -> bool:
+        """Whether a, b and γ have been measured (γ over at least `min_rounds` outcomes with allow_plain)."""
+        need = self.config.min_rounds if self.config.allow_plain else 1
+        return len(self._rounds) >= need and bool(self._a) and bool(self._b)
+
     def next_stride(self) -> int:
-        if not self._rounds or not self._a or not self._b:
-            return self.config.initial_stride
+        if not self.evidence():
+            return 0 if self.config.allow_plain else self.config.initial_stride
         a = sum(self._a) / len(self._a)
         return optimal_stride(a, self.verification_cost(), self.gamma, self.config.asynchronous, self.config.max_stride,
                               self.config.allow_plain)

@@ -43,12 +43,13 @@ class _Strides:
 
     def __post_init__(self) -> None:
         self.stops = self.eng.stops(self.cfg)
+        self.floor = self.eng.query_floor(self.prompt_ids)
 
     def done(self, tokens: list[int]) -> bool:
         return len(tokens) >= self.cfg.max_new_tokens or (bool(tokens) and tokens[-1] in self.stops)
 
     def key(self, tokens: list[int]) -> Any:
-        return self.ret.embed([self.eng.query(self.prompt_ids + tokens, self.cfg)])[0]
+        return self.ret.embed([self.eng.query(self.prompt_ids + tokens, self.cfg, self.floor)])[0]
 
     def guess(self, key: Any) -> int | None:
         hit = self.cache.lookup(key)
@@ -67,6 +68,9 @@ class _Strides:
         return self.eng.backends.verifier.verify(self.ret.name, keys, [NO_DOC if g is None else g for g in guesses],
                                                  self.prefetch.depth)
 
+    def retrieve(self, key: Any) -> list[Hit]:
+        return self.ret.search_embedded([key], self.prefetch.depth)[0]
+
     def agrees(self, key: Any, guess: int | None, truth: list[Hit], emitted: list[int] | None) -> bool:
         return guess == self.correct(truth)
 
@@ -83,8 +87,9 @@ class _Strides:
 class SpeculativeRalm:
     def __init__(self, engine: RalmEngine, verify_workers: int = 1) -> None:
         self.engine = engine
-        # Asynchronous verification runs here; one worker per request in flight at once.
+        # Asynchronous verification and plain steps' bookkeeping run here; one worker each per request in flight.
         self._pool = verification_pool(verify_workers)
+        self._books = verification_pool(verify_workers, "books")
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
                  emit: Emit | None = None, call: Call | None = None) -> RalmResult:
@@ -107,7 +112,7 @@ class SpeculativeRalm:
             opened.callback(cache.close)
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res,
                              on_time)
-            out = SpeculationLoop(steps, spec, self._pool, on_time, emit).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals

@@ -15,6 +15,9 @@ emitted tokens equal the baseline's.
 Asynchronous: round r+1 is speculated while round r is verified on a worker thread (FAISS, Lucene and torch
 release the GIL); a failed verification of round r discards round r+1, which was built on a wrong guess.
 OS³ picks s each round (`os3.py`), and may pick a plain step (retrieve for real, then decode).
+A plain step costs what the baseline's step costs: the granularity's own search (not the verifier's hop), and
+its bookkeeping (the shadow cache lookup that measures γ, the cache insert of what it retrieved) runs on a
+bookkeeping thread while the LM decodes; the next step joins it before touching the cache.
 """
 
 from __future__ import annotations
@@ -83,6 +86,10 @@ class Granularity(Protocol[K, G, T]):
         """The true retrieval result of each key, in one batched call (guesses: [] or one per key)."""
         ...
 
+    def retrieve(self, key: K) -> T:
+        """The true retrieval result of one key by the baseline's own call (a plain step's critical path)."""
+        ...
+
     def agrees(self, key: K, guess: G | None, truth: T, emitted: list[int] | None) -> bool:
         """Whether decoding with `guess` emits what decoding with the truth emits; `emitted`: what decoding with
         `guess` did emit (None: the guess was not decoded, as with a plain step's shadow guess)."""
@@ -132,29 +139,44 @@ def _one_thread() -> None:
     torch.set_num_threads(1)  # this thread's OpenMP team, which FAISS shares with torch
 
 
-def verification_pool(workers: int) -> ThreadPoolExecutor:
-    """Threads for asynchronous verification. Each runs its searches on one OpenMP thread: a new thread starts
-    with OpenMP's default team (every core), so a FAISS search beside the decoding thread oversubscribed the
-    cores and busy-waiting OpenMP threads halved the LM's speed (KNN-LM +A, measured: 0.45x of the baseline)."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify", initializer=_one_thread)
+def verification_pool(workers: int, name: str = "verify") -> ThreadPoolExecutor:
+    """Threads for asynchronous verification (and, named "books", for plain steps' bookkeeping). Each runs its
+    searches on one OpenMP thread: a new thread starts with OpenMP's default team (every core), so a FAISS search
+    beside the decoding thread oversubscribed the cores and busy-waiting OpenMP threads halved the LM's speed
+    (KNN-LM +A, measured: 0.45x of the baseline)."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, initializer=_one_thread)
 
 
 class SpeculationLoop(Generic[K, G, T]):
     """One request's speculative decoding over a granularity; `run` is the round loop."""
 
     def __init__(self, g: Granularity[K, G, T], spec: SpecConfig, pool: ThreadPoolExecutor,
-                 clock: Callable[[], None] = lambda: None, emit: Emit | None = None) -> None:
+                 clock: Callable[[], None] = lambda: None, emit: Emit | None = None,
+                 books: ThreadPoolExecutor | None = None) -> None:
+        """`pool`: asynchronous verification; `books`: plain steps' bookkeeping (None: inline, on the critical
+        path)."""
         spec.validate()
-        self.g, self.spec, self.pool, self.clock, self.emit = g, spec, pool, clock, emit
+        self.g, self.spec, self.pool, self.clock, self.emit, self.books = g, spec, pool, clock, emit, books
+        self._book: Future[bool | None] | None = None  # the last plain step's bookkeeping: would its guess agree?
         self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap, max_stride=spec.max_stride,
                                  initial_stride=spec.stride, asynchronous=spec.asynchronous))
         self.res = LoopResult()
         self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
         self.strides: list[int] = []
         self.spec_s = 0.0  # key + cache lookup of speculation steps
+        # Seconds on the request's critical path by phase: key (KNN-LM: the LM forward; RaLM: the encoder), join
+        # (waiting for a plain step's bookkeeping), lookup (cache guesses), search (plain steps), decode, wait
+        # (verification), settle (checking + caching verified results), redo (the rollback's corrected step).
+        self.timeline: dict[str, float] = {}
         self.released = 0  # tokens handed to `emit` (all verified)
 
     # -- steps -----------------------------------------------------------------------------------------
+    def lap(self, phase: str, since: float) -> float:
+        """Add the time since `since` to `phase`; return now (the next phase's start)."""
+        now = time.perf_counter()
+        self.timeline[phase] = self.timeline.get(phase, 0.0) + now - since
+        return now
+
     def done(self) -> bool:
         return self.g.done(self.res.tokens)
 
@@ -178,12 +200,16 @@ class SpeculationLoop(Generic[K, G, T]):
         while len(steps) < s and not self.done():
             if steps:
                 self.clock()  # the deadline and cancellation between the LM steps of a round (run checks the first)
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             key = self.g.key(self.res.tokens)
+            t = self.lap("key", t0)
+            self.join_books()  # the cache must hold what earlier plain steps retrieved
+            t = self.lap("join", t)
             guess = self.g.guess(key)
-            self.spec_s += time.perf_counter() - t
+            t = self.lap("lookup", t)
+            self.spec_s += t - t0
             steps.append(self.decode(key, guess))
-            self.os3.observe_speculation(time.perf_counter() - t)
+            self.os3.observe_speculation(self.lap("decode", t) - t0)
         return steps
 
     def next_stride(self) -> int:
@@ -196,26 +222,49 @@ class SpeculationLoop(Generic[K, G, T]):
         return _Verdict(truths, time.perf_counter() - t)
 
     def plain_step(self, first: bool = False) -> None:
-        """Retrieve for real, then decode: the first step of a request (the cache is empty), and every step
-        OS³ does not speculate. The cache is still consulted (shadow guess) so that γ stays current."""
-        t = time.perf_counter()
+        """Retrieve for real, then decode: every step before OS³ has evidence, and every step it does not
+        speculate. Only the key and the baseline's own search are on the critical path; the shadow guess (which
+        keeps γ current) and the cache insert run on the bookkeeping thread while the step decodes."""
+        t0 = time.perf_counter()
         key = self.g.key(self.res.tokens)  # KNN-LM: the LM forward, already counted as LM time
-        t_key = time.perf_counter()
-        guess = self.g.guess(key)
-        verdict = self.verify([key], [])
-        self.res.retrieval_s += time.perf_counter() - t_key
+        t = self.lap("key", t0)
+        self.join_books()  # overlapped with the key (KNN-LM) or the previous decode (RaLM)
+        t = self.lap("join", t)
+        truth = self.g.retrieve(key)
+        seconds = self.lap("search", t) - t
+        self.res.retrieval_s += seconds
         self.res.retrievals += 1
         self.calls += 1
-        truth = verdict.truths[0]
-        self.g.remember([truth])
-        if guess is not None:
-            self.os3.observe_round(1, int(self.g.agrees(key, guess, truth, None)))
-        self.os3.observe_verification(verdict.seconds, 1)
+        self.os3.observe_verification(seconds, 1)
+        t = time.perf_counter()
+        if self.books is None:
+            self._absorb(self._bookkeeping(key, truth))
+            t = self.lap("settle", t)
+        else:
+            self._book = self.books.submit(self._bookkeeping, key, truth)
         self.decode(key, self.g.correct(truth))
+        t = self.lap("decode", t)
         if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
-            self.os3.observe_speculation(time.perf_counter() - t - verdict.seconds)
+            self.os3.observe_speculation(t - t0 - seconds)
         self.plain_steps += 1
         self.release(len(self.res.tokens))
+
+    def _bookkeeping(self, key: K, truth: T) -> bool | None:
+        """A plain step's cache work: would the cache's guess have agreed with the truth (None: no guess), then
+        cache the truth (the guess first: after the insert it would find the truth itself)."""
+        guess = self.g.guess(key)
+        self.g.remember([truth])
+        return None if guess is None else self.g.agrees(key, guess, truth, None)
+
+    def _absorb(self, agreed: bool | None) -> None:
+        if agreed is not None:
+            self.os3.observe_round(1, int(agreed))
+
+    def join_books(self) -> None:
+        """Wait for the last plain step's bookkeeping (its errors surface here)."""
+        if self._book is not None:
+            book, self._book = self._book, None
+            self._absorb(book.result())
 
     def release(self, upto: int) -> None:
         """Hand the verified tokens before position `upto` to `emit`."""
@@ -226,6 +275,7 @@ class SpeculationLoop(Generic[K, G, T]):
     def settle(self, steps: list[Step[K, G]], verdict: _Verdict[T]) -> Step[K, G] | None:
         """Apply a verification: cache the verified results, count, and return the first wrong step (already
         redone with its truth), or None when every guess was right."""
+        t = time.perf_counter()
         truths = verdict.truths
         bad = next((i for i, (st, tr) in enumerate(zip(steps, truths))
                     if not self.g.agrees(st.key, st.guess, tr, st.emitted)), None)
@@ -240,19 +290,31 @@ class SpeculationLoop(Generic[K, G, T]):
         self.matched += matched
         self.rounds += 1
         self.strides.append(len(steps))
+        t = self.lap("settle", t)
         if bad is None:
             return None
         self.rollbacks += 1
         wrong = steps[bad]
         self.truncate(wrong)
-        return self.decode(wrong.key, self.g.correct(truths[bad]))
+        redone = self.decode(wrong.key, self.g.correct(truths[bad]))
+        self.lap("redo", t)
+        return redone
 
     # -- the round loop --------------------------------------------------------------------------------
     def run(self) -> LoopResult:
+        try:
+            return self._run()
+        finally:
+            if self._book is not None:  # the cache closes after this: no insert may outlive the request
+                self._book.exception()
+
+    def _run(self) -> LoopResult:
         self.plain_step(first=True)  # 0) the first step retrieves for real (the cache is empty)
         pending: tuple[list[Step[K, G]], Future[_Verdict[T]]] | None = None
         while not (self.done() and pending is None):
             self.clock()
+            if self._book is not None and self._book.done():
+                self.join_books()  # the evidence in hand (KNN-LM joins after its next key, not here)
             s = 0 if self.done() else self.next_stride()
             if s == 0 and pending is None:
                 self.plain_step()
@@ -262,6 +324,7 @@ class SpeculationLoop(Generic[K, G, T]):
             if not self.spec.asynchronous:
                 verdict = self.verify([st.key for st in steps], [st.guess for st in steps])
                 self.res.retrieval_s += verdict.seconds
+                self.timeline["wait"] = self.timeline.get("wait", 0.0) + verdict.seconds
                 self.settle(steps, verdict)  # 2) + 3)
                 self.release(len(self.res.tokens))
                 continue
@@ -270,17 +333,18 @@ class SpeculationLoop(Generic[K, G, T]):
                 pending = None
                 t = time.perf_counter()
                 verdict = future.result()
-                self.res.retrieval_s += time.perf_counter() - t  # only the wait is on the critical path
+                self.res.retrieval_s += self.lap("wait", t) - t  # only the wait is on the critical path
                 if self.settle(prev, verdict) is not None:
                     self.release(len(self.res.tokens))
                     continue  # `steps` were built on a wrong guess: settle() dropped them
                 self.release(steps[0].start if steps else len(self.res.tokens))
             if steps:
                 pending = (steps, self.pool.submit(self.verify, [st.key for st in steps], [st.guess for st in steps]))
+        self.join_books()
         self.release(len(self.res.tokens))
         self.res.stats.update(spec_accuracy=self.matched / self.speculated if self.speculated else 1.0,
                               speculated=self.speculated, matched=self.matched, rounds=self.rounds,
                               rollbacks=self.rollbacks, mean_stride=sum(self.strides) / max(1, len(self.strides)),
                               spec_s=self.spec_s, cache_size=self.g.cache_size(), retrieval_calls=self.calls,
-                              plain_steps=self.plain_steps)
+                              plain_steps=self.plain_steps, timeline_s=dict(self.timeline))
         return self.res

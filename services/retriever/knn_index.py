@@ -254,3 +254,11 @@ def max_key_norm(keys: np.ndarray) -> float:
     for i in range(0, len(keys), ADD_CHUNK):
         out = max(out, float(np.sqrt((np.asarray(keys[i : i + ADD_CHUNK], dtype=np.float64) ** 2).sum(1).max())))
     return out
+
+
+def held_out_passages(folder: Path, passages: int) -> list[int]:
+    """Ids of the passages (of `passages`) with no entry in the datastore at `folder`: text whose continuation
+    KNN-LM has to predict rather than copy (prompts for benchmarks and the demo)."""
+    inside = set(np.unique(np.load(folder / "text.npy", mmap_mode="r")).tolist())
+    return [i for i in range(passages) if i not in inside]
+

@@ -55,7 +55,7 @@ def test_chosen_stride_is_a_local_maximum(a, b, gamma, asynchronous):
 
 
 def test_online_gamma_over_a_window_with_cap():
-    os3 = OS3(OS3Config(window=5, gamma_cap=0.6))
+    os3 = OS3(OS3Config(window=5, gamma_cap=0.6, allow_plain=False))
     assert os3.gamma == 0.0 and os3.next_stride() == 3  # nothing observed yet: the initial stride
     for _ in range(5):
         os3.observe_round(stride=4, matched=1)  # ΣM = 5, 5 rounds with M < s
@@ -101,3 +101,15 @@ def test_online_fit_of_the_verification_cost():
     for t in (0.1, 0.3):
         same.observe_verification(t, 2)
     assert same.verification_cost() == pytest.approx(0.2)  # one batch size: nothing to fit, the mean
+
+
+def test_no_speculation_before_evidence():
+    # plain steps allowed: plain until a, b and min_rounds outcomes are measured, whatever γ looks like
+    os3 = OS3(OS3Config(min_rounds=3, asynchronous=True))
+    assert os3.next_stride() == 0
+    os3.observe_speculation(0.06)
+    os3.observe_verification(0.05)  # KNN-LM at 600k: a 60 ms LM step, a 50 ms search
+    for n in range(3):
+        assert os3.next_stride() == 0, n
+        os3.observe_round(1, 1)  # shadow lookups that would have been right
+    assert os3.evidence() and os3.next_stride() >= 1

@@ -76,3 +76,17 @@ def test_bad_input_gets_a_clear_error(engine):
         engine.retriever("sparse").search(["who?"], 0)
     with pytest.raises(InvalidRequest, match="query 0 is empty"):
         engine.retriever("exact").search([" "], 1)
+
+
+def test_queries_never_reach_back_past_the_prompts_last_blank_line(engine, questions):
+    # the QA prompt's shots sit above its last blank line: the first query is the question alone
+    q = questions[0].question
+    ids = engine.encode(qa_prompt(q))
+    floor = engine.query_floor(ids)
+    assert engine.query(ids, RalmConfig(), floor) == f"Question: {q.strip()}\nAnswer:"
+    more = ids + engine.encode(" Paris is the capital of France and a city of many museums and old bridges") * 3
+    assert engine.query(more, RalmConfig(query_tokens=8), floor) == engine.decode(more[-8:])  # later: the last 8
+    plain = engine.encode("Once upon a time there was")
+    assert engine.query_floor(plain) == 0
+    ends_blank = engine.encode("Some text\n\n")
+    assert engine.query(ends_blank, RalmConfig(), engine.query_floor(ends_blank))  # never an empty query

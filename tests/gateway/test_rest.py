@@ -33,7 +33,7 @@ def test_rest_greedy_equals_greedy_on_100_prompts(engine, questions, same_tokens
     tokens = forwards = 0
     for i, q in enumerate(questions[:PROMPTS]):
         prompt = engine.encode(qa_prompt(q.question))
-        pid = exact.search([engine.query(prompt, RalmConfig())], 1)[0][0].pid
+        pid = exact.search([engine.query(prompt, RalmConfig(), engine.query_floor(prompt))], 1)[0][0].pid
         seq = engine.bos + list(engine.doc_ids(pid, 256)) + prompt
         base, got = greedy_then_drafted(engine, seq, TOKENS, sources[i % 3], (4, 8, 8)[i % 3])
         same_tokens(base, got, f"REST prompt {i}")
