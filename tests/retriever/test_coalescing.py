@@ -297,3 +297,12 @@ def test_a_bad_call_fails_alone_while_its_neighbours_share_a_batch(retrievers, k
     out, calls = asyncio.run(run())
     assert isinstance(out[1], InvalidRequest) and calls == 2  # good[0] alone, then good[1:] together
     assert all(isinstance(r, pb.SearchReply) and len(r.results[0].hits) == 5 for r in [out[0], *out[2:]])
+
+
+def test_the_verifier_window_has_its_own_setting_off_by_default(monkeypatch):
+    from services.common import env
+
+    monkeypatch.delenv("RALMSPEC_VERIFY_WINDOW_MS", raising=False)
+    assert CoalesceSettings.from_env(env.VERIFY_WINDOW_MS).window_ms == 0  # a 2 ms window lost here
+    monkeypatch.setenv("RALMSPEC_VERIFY_WINDOW_MS", "3")
+    assert CoalesceSettings.from_env(env.VERIFY_WINDOW_MS).window_ms == 3
