@@ -62,7 +62,7 @@ def main() -> None:
           + ("\n\nBefore (queries reached into the few-shot shots): " + ", ".join(
               f"{r['retriever']} EM {r['em']:.3f} F1 {r['f1']:.3f} gold@first "
               f"{r.get('gold_at_first', r.get('gold_passage_at_first_retrieval'))}" for r in before["rows"])
-             + f" ({before.get('revision', '?')})" if before else ""))
+             + f" ({before.get('git_revision', '?')})" if before else ""))
 
 
 if __name__ == "__main__":
