@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from bench import results_io
-from bench.results_io import write
+from bench.results_io import rotated, write
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_knn_datastore, open_knnlm, open_lm
 from services.gateway.knn_generation import KnnLmEngine, KnnRequest
@@ -75,16 +75,16 @@ def perplexities(knn: KnnLmEngine, ds: KnnDatastore, lm: LmEngine, docs: DocStor
 
 
 def run_grid(knn: KnnLmEngine, prompts: list[str], size: int, indexes: list[str], ks: list[int],
-             tokens: int) -> list[dict]:
+             tokens: int, methods: dict[str, str] = METHODS) -> list[dict]:
     rows = []
     for index in indexes:
         for k in ks:
             req = KnnRequest(tokens, knn=KnnLmConfig(k=k, index=index))
-            runs: dict[str, list[RalmResult]] = {m: [] for m in ["baseline", *METHODS]}
-            for p in prompts:
-                runs["baseline"].append(knn.generate(p, req))
-                for m, preset in METHODS.items():
-                    runs[m].append(knn.speculate(p, req, PRESETS[preset]))
+            runs: dict[str, list[RalmResult]] = {m: [] for m in ["baseline", *methods]}
+            for i, p in enumerate(prompts):  # methods in an order rotated per prompt
+                for m in rotated(list(runs), i):
+                    runs[m].append(knn.generate(p, req) if m == "baseline" else
+                                   knn.speculate(p, req, PRESETS[methods[m]]))
             base = runs["baseline"]
             t_base = statistics.mean(r.total_s for r in base)
             t_lm = statistics.mean(r.total_s - r.retrieval_s for r in base)
@@ -130,6 +130,8 @@ def main() -> None:
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 16, 256, 1024])
     ap.add_argument("--indexes", nargs="+", default=["exact", "approx"])
     ap.add_argument("--ppl-passages", type=int, default=40)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity run")
     ap.add_argument("--name", default="knnlm")
     args = ap.parse_args()
     rows: list[dict] = []
@@ -148,8 +150,9 @@ def main() -> None:
         size = ds.size
         sizes[profile] = size
         knn.generate(prompts[0], KnnRequest(4))  # warm up
-        rows += run_grid(knn, prompts, size, args.indexes, args.ks, args.max_new_tokens)
-        if profile == args.profiles[-1]:
+        rows += run_grid(knn, prompts, size, args.indexes, args.ks, args.max_new_tokens,
+                         {m: METHODS[m] for m in args.methods})
+        if profile == args.profiles[-1] and not args.no_ppl:
             ppl = perplexities(knn, ds, lm, docs, held, args.ppl_passages)
             print(ppl, flush=True)
         del knn, ds
@@ -158,10 +161,13 @@ def main() -> None:
         key = (r["datastore_tokens"], r["index"])
         if r["method"] != "baseline" and r["identical"]:
             best[key] = max(best.get(key, 0.0), r["speedup"])
+    ceiling = {f"{r['datastore_tokens']} {r['index']}": r["ceiling"] for r in rows  # at the largest k
+               if r["method"] == "baseline" and r["k"] == max(args.ks)}
     write(args.name, {"datastore_tokens": max(sizes.values()), "datastore_sizes": sizes, "prompts": args.prompts,
+                      "ceiling": ceiling,
                       "max_new_tokens": args.max_new_tokens, "rows": rows, "perplexity": ppl},
           ["datastore_tokens", "index", "k", "method", "ms_per_token", "speedup", "spec_accuracy", "mean_stride",
-           "captured", "searches", "retrieval_ms_per_token", "lm_ms_per_token", "identical"],
+           "captured", "ceiling", "searches", "retrieval_ms_per_token", "lm_ms_per_token", "identical"],
           f"KNN-LM: baseline vs speculative retrieval ({args.prompts} prompts x {args.max_new_tokens} tokens)",
           "Best speedup per datastore and index: " + ", ".join(
               f"{s} tokens {i}: {v:.2f}x" for (s, i), v in sorted(best.items()))

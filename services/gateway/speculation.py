@@ -17,7 +17,8 @@ release the GIL); a failed verification of round r discards round r+1, which was
 OS³ picks s each round (`os3.py`), and may pick a plain step (retrieve for real, then decode).
 A plain step costs what the baseline's step costs: the granularity's own search (not the verifier's hop), and
 its bookkeeping (the shadow cache lookup that measures γ, the cache insert of what it retrieved) runs on a
-bookkeeping thread while the LM decodes; the next step joins it before touching the cache.
+bookkeeping thread while the LM decodes, as does a round's cache insert; the next step joins it before
+touching the cache.
 """
 
 from __future__ import annotations
@@ -256,6 +257,17 @@ class SpeculationLoop(Generic[K, G, T]):
         self.g.remember([truth])
         return None if guess is None else self.g.agrees(key, guess, truth, None)
 
+    def cache(self, truths: list[T]) -> None:
+        """Cache verified results: on the bookkeeping thread when there is one (the next guess joins it first)."""
+        if self.books is None:
+            self.g.remember(truths)
+            return
+        self.join_books()
+        self._book = self.books.submit(self._remember, truths)
+
+    def _remember(self, truths: list[T]) -> None:
+        self.g.remember(truths)
+
     def _absorb(self, agreed: bool | None) -> None:
         if agreed is not None:
             self.os3.observe_round(1, int(agreed))
@@ -280,7 +292,7 @@ class SpeculationLoop(Generic[K, G, T]):
         bad = next((i for i, (st, tr) in enumerate(zip(steps, truths))
                     if not self.g.agrees(st.key, st.guess, tr, st.emitted)), None)
         verified = len(steps) if bad is None else bad + 1  # keys after a mismatch were built on a wrong guess
-        self.g.remember(truths[:verified])
+        self.cache(truths[:verified])
         self.res.retrievals += len(steps)
         self.calls += 1
         self.os3.observe_verification(verdict.seconds, len(steps))
