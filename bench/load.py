@@ -120,6 +120,13 @@ def quick_plan(tokens: int) -> Plan:
     return Plan(closed, (HEADLINE,), (2.0,), 4.0, 1, 4, 2, tokens)
 
 
+def spec_plan(reps: int, prompts: int, tokens: int) -> Plan:
+    """Speculation under load alone (issue 13, item 5): RaLM QA (exact) and KNN-LM, baseline-kv vs +PSA, batching
+    on, at 1-8 clients."""
+    closed = {((w, m), True): (1, 2, 4, 8) for w in ("qa-exact", "knn") for m in (KV, SPEC)}
+    return Plan(closed, (), (), 4.0, reps, prompts, 2, tokens)
+
+
 def build(workload: str, mode: str, question: str, n: int) -> pb.GenerateRequest:
     kind, _, arg = workload.partition("-")
     req = pb.GenerateRequest(mode=MODES[mode], max_new_tokens=n)
@@ -376,12 +383,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--prompts", type=int, default=4, help="distinct requests per cell")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (12 with --quick)")
     ap.add_argument("--window-s", type=float, default=15.0, help="open loop: rate x this many arrivals")
+    ap.add_argument("--spec", action="store_true", help="speculation under load only: kv vs +PSA, 1-8 clients")
     ap.add_argument("--name", default=None, help="results file name (default load, load_quick with --quick)")
     args = ap.parse_args(argv)
     profile = args.profile or ("tiny" if args.quick else "default")
     tokens = args.max_new_tokens or (12 if args.quick else 32)
-    plan = quick_plan(tokens) if args.quick else full_plan(args.reps, args.prompts, tokens, args.window_s,
-                                                           args.budget_min)
+    plan = (quick_plan(tokens) if args.quick else spec_plan(args.reps, args.prompts, tokens) if args.spec
+            else full_plan(args.reps, args.prompts, tokens, args.window_s, args.budget_min))
     settings = GatewaySettings.from_env(profile=profile)
     if todo := missing(profile, settings.layout, settings.model):
         raise SystemExit(f"the {profile} profile lacks {', '.join(todo)}: run `ralmspec assets --profile {profile}`")
@@ -403,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     payload = {"profile": profile, "rows": rows, **summary(rows, plan), "alone_s": {
         f"{w} {m}": spread([s for k, s in bench.alone_s.items() if k[:2] == (w, m)]) for w, m in base},
         "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()}}
-    report(args.name or ("load_quick" if args.quick else "load"), payload, plan)
+    report(args.name or ("load_quick" if args.quick else "load_spec" if args.spec else "load"), payload, plan)
     return payload
 
 
@@ -415,9 +423,9 @@ def summary(rows: list[dict], plan: Plan) -> dict:
         "p99_at_8_over_alone": ratio(rows, "p99_s", (HEADLINE, True, 8), (HEADLINE, True, 1)),
         "speedup_at_16": ratio(rows, "tokens_per_s", (HEADLINE, True, 16), (HEADLINE, False, 16)),
         "knn_speedup_at_8": ratio(rows, "tokens_per_s", (knn, True, 8), (knn, False, 8)),
-        "ralmspec_over_kv": [{"batching": b, "concurrency": c, "tokens_per_s": ratio(
-            rows, "tokens_per_s", (("qa-exact", SPEC), b, c), (HEADLINE, b, c))}
-            for b in (True, False) for c in plan.closed.get((("qa-exact", SPEC), b), ())],
+        "ralmspec_over_kv": [{"workload": w, "batching": b, "concurrency": c, "tokens_per_s": ratio(
+            rows, "tokens_per_s", ((w, SPEC), b, c), ((w, KV), b, c))}
+            for w in ("qa-exact", "knn") for b in (True, False) for c in plan.closed.get(((w, SPEC), b), ())],
         "identical": all(r["identical"] for r in rows), "mismatches": sum(r["mismatches"] for r in rows),
         "near_ties": sum(r["near_ties"] for r in rows),
         "unexpected_errors": dict(sum((Counter({k: v for k, v in r["errors"].items() if k not in EXPECTED})

@@ -102,7 +102,8 @@ def knn_rows(settings: GatewaySettings, n: int, tokens: int, indexes: list[str])
             methods: dict[str, Callable[[str], RalmResult]] = {"baseline": lambda p, req=req: knn.generate(p, req)}
             for name, preset in OS3_PRESETS.items():
                 methods[name] = lambda p, req=req, preset=preset: knn.speculate(p, req, preset)
-            rows += rows_of(measure(prompts, methods), "baseline", f"KNN-LM k {k}", f"knn-{index}")
+            rows += rows_of(measure(prompts, methods), "baseline", f"KNN-LM {ds.size // 1000}k entries, k {k}",
+                            f"knn-{index}")
     return rows
 
 
@@ -113,16 +114,16 @@ def main() -> None:
     ap.add_argument("--retrievers", nargs="*", default=["exact", "approx", "sparse"])
     ap.add_argument("--knn-indexes", nargs="*", default=["exact", "approx"])
     ap.add_argument("--knn-tokens", type=int, default=32)
-    ap.add_argument("--knn-profile", default=None, help="the KNN-LM datastore's profile (default: --profile)")
+    ap.add_argument("--knn-profiles", nargs="*", default=None, help="KNN-LM datastores' profiles (default: --profile)")
     ap.add_argument("--name", default="never_slower")
     args = ap.parse_args()
     settings = GatewaySettings.from_env(profile=args.profile)
     rows = ralm_rows(settings, args.prompts, args.retrievers) if args.retrievers else []
     if args.knn_indexes:
-        knn_settings = GatewaySettings.from_env(profile=args.knn_profile or args.profile)
-        rows += knn_rows(knn_settings, args.prompts, args.knn_tokens, args.knn_indexes)
+        for profile in args.knn_profiles or [args.profile]:
+            rows += knn_rows(GatewaySettings.from_env(profile=profile), args.prompts, args.knn_tokens, args.knn_indexes)
     worst = min(rows, key=lambda r: r["spec_over_kv"])
-    write(args.name, {"profile": args.profile, "knn_profile": args.knn_profile or args.profile,
+    write(args.name, {"profile": args.profile, "knn_profiles": args.knn_profiles or [args.profile],
                       "prompts": args.prompts, "rows": rows,
                       "min_spec_over_kv": worst["spec_over_kv"],
                       "identical": all(r["identical"] for r in rows)},
