@@ -26,7 +26,9 @@ float32 sum of squared differences and a batch gives bit-identical distances to 
 separate scans), they come from |x|² + |y|² - 2x·y with sgemm, differ from the sequential ones in the last
 bits (up to 3e-3 here), and a batch may or may not equal its queries alone (tiny profile, 8 queries: 25% of
 distances and 12% of top-32 ids differed). See tests/retriever/test_knn_index.py::test_faiss_batch_vs_single.
-So `search` never returns FAISS's numbers: it takes FAISS's top k + margin as candidates and re-scores them
+Batches of up to SCAN_MAX_BATCH queries scan an fp16 scalar-quantizer twin of the flat index instead (the same
+fp16 values, decoded exactly, half the bytes to read; its float32 sums obey the same bound below). So `search`
+never returns FAISS's numbers: it takes FAISS's top k + margin as candidates and re-scores them
 with `exact_distances` (float64 sums of squared differences of the stored rows, one row at a time, independent
 of what else is scored), ranked by (distance, entry id). The exact index's answer is certified: with FAISS's
 float32 error bound e = γ(d+4)·(|q| + max|key|)², every entry FAISS left out is at least (its last distance - e)
@@ -58,6 +60,10 @@ NOT_BUILT = "this replica has no KNN-LM datastore (build it with `ralmspec asset
 IVF_TRAIN_MAX = 100_000  # keys sampled to train the IVF centroids
 ADD_CHUNK = 65_536  # keys upcast to float32 at a time when filling an index (bounds peak RAM)
 SCORE_CHUNK = 64  # rows per float64 block in exact_distances
+# Exact searches of up to this many queries scan the fp16 twin of the flat index (bench/results/knn_search.md,
+# 600k x 576, k 1024, one thread: 31-38 ms a query against 77-90 for the float32 scan); larger batches take the
+# float32 index's BLAS product, which reads the index once per batch (16 queries: 425 ms against ~560).
+SCAN_MAX_BATCH = 8
 U32 = 2.0**-24  # float32 unit roundoff
 
 
@@ -93,6 +99,7 @@ class KnnDatastore:
         self._run_ends = np.concatenate([starts, [len(text)]]).astype(np.int64)  # [runs] one past its last
         self._max_norm = float(meta["max_key_norm"])
         self._indexes: dict[str, faiss.Index] = {}
+        self._scan: faiss.Index | None = None  # the exact index's fp16 twin, for batches of few queries
         self.retries = 0  # exact searches repeated with a wider margin (certificate failed), for stats
 
     @property
@@ -133,6 +140,7 @@ class KnnDatastore:
             check_knn_index(name)
         if "exact" in indexes:
             self._indexes["exact"] = flat_index(self.keys)
+            self._scan = fp16_index(self.keys)
         if "approx" in indexes:
             ivf: Any
             if ivf_path is None:
@@ -158,7 +166,10 @@ class KnnDatastore:
         todo = np.arange(len(q))
         want = min(self.size, k + max(16, k // 4))  # FAISS candidates re-scored per query
         while len(todo) and self.size:
-            fd, fi = self._indexes[index].search(q[todo], want)  # [t, want] each
+            ix = self._indexes[index]
+            if exact and self._scan is not None and len(todo) <= SCAN_MAX_BATCH:
+                ix = self._scan
+            fd, fi = ix.search(q[todo], want)  # [t, want] each
             retry = []
             for row, f_last, cand in zip(todo, fd[:, -1], fi):
                 cand = cand[cand >= 0]
@@ -209,6 +220,20 @@ class KnnDatastore:
     def _check_ids(self, ids: np.ndarray) -> None:
         if len(ids) and (ids.min() < 0 or ids.max() >= self.size):
             raise InvalidRequest(f"entry ids must be in [0, {self.size})")
+
+
+def fp16_index(keys: np.ndarray) -> faiss.IndexScalarQuantizer:
+    """An fp16 scalar-quantizer index over fp16 keys: its codes are the keys' own bytes (decoding is exact), so it
+    holds the same values as `flat_index` in half the bytes, and a scan reads half the memory."""
+    n, d = keys.shape
+    index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    index.codes.resize(n * d * 2)
+    if n:
+        codes = faiss.rev_swig_ptr(index.codes.data(), n * d * 2).view(np.float16).reshape(n, d)
+        for i in range(0, n, ADD_CHUNK):
+            codes[i : i + ADD_CHUNK] = keys[i : i + ADD_CHUNK]
+    index.ntotal = n
+    return index
 
 
 def flat_index(keys: np.ndarray) -> faiss.IndexFlatL2:

@@ -128,8 +128,9 @@ def _queries(store: KnnDatastore, n: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("k", [1, 10, 100, 10_000])
-def test_exact_search_equals_brute_force(store, k):
-    q = _queries(store, 12, k)
+@pytest.mark.parametrize("n", [3, 12])  # the fp16 scan (<= SCAN_MAX_BATCH queries) and the float32 index
+def test_exact_search_equals_brute_force(store, k, n):
+    q = _queries(store, n, k)
     q[0] = store.gather(np.array([store.size // 2]))[0]  # sits on an entry (and its duplicate's twin, if any)
     dist, ids = store.search(q, k)
     bd, bi = _brute(store, q, k)
