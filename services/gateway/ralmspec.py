@@ -40,6 +40,8 @@ class _Strides:
     prefetch: PrefetchPolicy
     res: RalmResult
     clock: Callable[[], None]  # the request's deadline and cancellation, between the LM steps of a drafted stride
+    # RaLMSpec's code caps γ at 0.6: a wrong document costs a re-prefill, more than the mean step OS³ prices it at
+    gamma_cap: float = 0.6
 
     def __post_init__(self) -> None:
         self.stops = self.eng.stops(self.cfg)

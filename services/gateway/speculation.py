@@ -46,14 +46,14 @@ class SpecConfig:
     prefetch_k: int = 20
     os3: bool = False  # +S
     asynchronous: bool = False  # +A
-    gamma_cap: float = 0.6
+    gamma_cap: float | None = None  # OS³'s cap on γ; None: the granularity's (`Granularity.gamma_cap`)
     gamma_window: int = 5
     max_stride: int = 16
 
     def validate(self) -> None:
         Bound(1, self.max_stride).check("speculation stride", self.stride)
         PASSAGE_K.check("prefetch_k", self.prefetch_k)  # the verifier's search depth
-        if not 0.0 < self.gamma_cap < 1.0:
+        if self.gamma_cap is not None and not 0.0 < self.gamma_cap < 1.0:
             raise InvalidRequest(f"gamma cap must be in (0, 1), got {self.gamma_cap}")
 
 
@@ -67,7 +67,10 @@ PRESETS: dict[str, SpecConfig] = {  # the paper's ablation
 
 
 class Granularity(Protocol[K, G, T]):
-    """One speculation step's mechanics. `tokens` is everything decoded so far (verified or not)."""
+    """One speculation step's mechanics. `tokens` is everything decoded so far (verified or not). `gamma_cap`:
+    OS³'s default cap on γ, by how well its `a` prices a wrong guess (OS³ redoes one step of mean cost a)."""
+
+    gamma_cap: float
 
     def done(self, tokens: list[int]) -> bool: ...
 
@@ -159,8 +162,9 @@ class SpeculationLoop(Generic[K, G, T]):
         spec.validate()
         self.g, self.spec, self.pool, self.clock, self.emit, self.books = g, spec, pool, clock, emit, books
         self._book: Future[bool | None] | None = None  # the last plain step's bookkeeping: would its guess agree?
-        self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap, max_stride=spec.max_stride,
-                                 initial_stride=spec.stride, asynchronous=spec.asynchronous))
+        self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap or g.gamma_cap,
+                                 max_stride=spec.max_stride, initial_stride=spec.stride,
+                                 asynchronous=spec.asynchronous))
         self.res = LoopResult()
         self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
         self.strides: list[int] = []
