@@ -3,7 +3,7 @@ pick (stride, query length, prefetch size, draft budget, each retriever; KNN-LM 
 
     RALMSPEC_THREADS=1 python -m bench.never_slower --profile default --prompts 3
 
-One setting changes at a time from the defaults (stride 4, query 32 tokens, prefetch 20, no drafting, 24 new
+One setting changes at a time from the defaults (stride 4, query 32 tokens, prefetch 20, no drafting, 16 new
 tokens without a newline stop, so a request takes several retrieval strides). Per prompt the methods run in an
 order rotated by the prompt's index; `spec_over_kv` is the ratio of mean latencies over the prompts (> 1: the
 preset is faster), with the per-prompt ratios' spread beside it; every output is checked equal to the baseline's.
@@ -29,7 +29,7 @@ from services.lm.types import KnnLmConfig
 from services.retriever.corpus import read_questions
 
 OS3_PRESETS = {name: p for name, p in PRESETS.items() if p.os3}  # +S, +PSA
-BASE = RalmConfig(max_new_tokens=24, stop_at_newline=False)
+BASE = RalmConfig(max_new_tokens=16, stop_at_newline=False)
 # (label, RaLM config, speculation switches applied to every OS³ preset)
 RALM_SETTINGS: list[tuple[str, RalmConfig, dict]] = [
     ("defaults", BASE, {}),
@@ -133,7 +133,7 @@ def main() -> None:
           f"Minimum spec_over_kv {worst['spec_over_kv']:.3f} ({worst['preset']}, {worst['retriever']}, "
           f"{worst['setting']}). `spec_over_kv`: mean kv latency / mean preset latency over the prompts; "
           "`per_prompt`: the same ratio per prompt, median [min, max]; `speculated` / `plain_steps`: mean steps per "
-          "request that OS³ guessed / retrieved for real. RaLM: QA prompts, 24 new tokens, no newline stop; KNN-LM: "
+          "request that OS³ guessed / retrieved for real. RaLM: QA prompts, 16 new tokens, no newline stop; KNN-LM: "
           f"openings of held-out passages, {args.knn_tokens} new tokens.")
 
 

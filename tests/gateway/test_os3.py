@@ -70,7 +70,8 @@ def test_online_stride_follows_measured_latencies():
     for _ in range(5):
         os3.observe_round(4, 4)
     os3.observe_speculation(0.1)
-    os3.observe_verification(4.3)
+    os3.observe_verification(4.3, 1)
+    os3.observe_verification(4.3, 4)  # the paper's regime: a batch costs what one query costs (a GPU)
     assert os3.next_stride() == 6
     with pytest.raises(ValueError):
         os3.observe_round(2, 3)
@@ -100,7 +101,8 @@ def test_online_fit_of_the_verification_cost():
     same = OS3(OS3Config())
     for t in (0.1, 0.3):
         same.observe_verification(t, 2)
-    assert same.verification_cost() == pytest.approx(0.2)  # one batch size: nothing to fit, the mean
+    cost = same.verification_cost()  # one batch size: nothing to fit; the mean, scaled per query (a CPU scan)
+    assert callable(cost) and cost(2) == pytest.approx(0.2) and cost(4) == pytest.approx(0.4)
 
 
 def test_no_speculation_before_evidence():
