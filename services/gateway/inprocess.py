@@ -12,7 +12,7 @@ from services.gateway.backends import local_backends
 from services.gateway.knn_generation import KnnLmEngine, local_knn_backends
 from services.gateway.ralm import RalmEngine
 from services.gateway.settings import GatewaySettings
-from services.lm.engine import LmEngine
+from services.lm.engine import LmEngine, LmSettings
 from services.lm.model import load
 from services.retriever.docstore import DocStore
 from services.retriever.encoder import Encoder
@@ -38,7 +38,8 @@ def open_engine(settings: GatewaySettings, retrievers: Sequence[str] = RETRIEVER
 
 
 def open_lm(settings: GatewaySettings) -> LmEngine:
-    return LmEngine(load(settings.model, settings.layout.models, settings.device, settings.dtype))
+    return LmEngine(load(settings.model, settings.layout.models, settings.device, settings.dtype),
+                    settings=LmSettings.from_env())
 
 
 def open_knn_datastore(settings: GatewaySettings, nprobe: int = 32) -> KnnDatastore:

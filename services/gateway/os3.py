@@ -31,6 +31,7 @@ threshold, `services/retriever/dense.py`). So b(s) = b0 + b1·s is fitted online
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,16 +57,17 @@ def round_latency(s: int, a: float, b: Cost, gamma: float, asynchronous: bool) -
 
 
 def optimal_stride(a: float, b: Cost, gamma: float, asynchronous: bool = False, max_stride: int = 16,
-                   allow_plain: bool = False) -> int:
+                   allow_plain: bool = False, min_gain: float = 0.0) -> int:
     """The first local maximum of E(s) / round_latency(s), searching s = 1, 2, ... up to max_stride;
-    0 (do not speculate) when `allow_plain` and a plain step, 1 / (a + b), is at least as fast."""
+    0 (do not speculate) when `allow_plain` and speculation's best rate is not `min_gain` above a plain step's,
+    1 / (a + b)."""
     best_s, best = 1, expected_verified(1, gamma) / round_latency(1, a, b, gamma, asynchronous)
     for s in range(2, max_stride + 1):
         value = expected_verified(s, gamma) / round_latency(s, a, b, gamma, asynchronous)
         if value <= best:
             break
         best_s, best = s, value
-    if allow_plain and 1.0 / (a + _at(b, 1)) >= best:
+    if allow_plain and (1.0 + min_gain) / (a + _at(b, 1)) >= best:
         return 0
     return best_s
 
@@ -80,6 +82,9 @@ class OS3Config:
     asynchronous: bool = False
     latency_window: int = 16  # recent a / b samples averaged
     allow_plain: bool = True  # s = 0 (plain retrieval step) is a candidate
+    # Speculate only when the model predicts at least this gain over plain steps: what it does not price (cache
+    # lookups, inserts, the LM slowed by a verification on the other core; a few % measured) must not flip it.
+    min_gain: float = 0.05
 
 
 class OS3:
@@ -134,6 +139,18 @@ class OS3:
     def next_stride(self) -> int:
         if not self.evidence():
             return 0 if self.config.allow_plain else self.config.initial_stride
-        a = sum(self._a) / len(self._a)
-        return optimal_stride(a, self.verification_cost(), self.gamma, self.config.asynchronous, self.config.max_stride,
-                              self.config.allow_plain)
+        return self._stride(self.gamma)
+
+    def _stride(self, gamma: float) -> int:
+        c = self.config
+        a = statistics.median(self._a)  # one slow step (a page fault, a first call) must not steer the next 16
+        return optimal_stride(a, self.verification_cost(), gamma, c.asynchronous, c.max_stride, c.allow_plain,
+                              c.min_gain)
+
+    def worth_watching(self) -> bool:
+        """Whether speculation could pay at the best γ allowed (the cap), given the measured a and b. When it could
+        not (iterative RaLM on a CPU: a stride costs 10-20 searches), plain steps need no shadow lookups or cache
+        inserts: γ cannot change the answer. Before a and b are measured: True."""
+        if not self.config.allow_plain or not self._a or not self._b:
+            return True
+        return self._stride(self.config.gamma_cap) > 0

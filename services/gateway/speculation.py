@@ -234,7 +234,9 @@ class SpeculationLoop(Generic[K, G, T]):
         key = self.g.key(self.res.tokens)  # KNN-LM: the LM forward, already counted as LM time
         t = self.lap("key", t0)
         self.join_books()  # overlapped with the key (KNN-LM) or the previous decode (RaLM)
+        t_join = t
         t = self.lap("join", t)
+        t_join = t - t_join  # bookkeeping, not this step's cost: kept out of a
         truth = self.g.retrieve(key)
         seconds = self.lap("search", t) - t
         self.res.retrieval_s += seconds
@@ -242,15 +244,16 @@ class SpeculationLoop(Generic[K, G, T]):
         self.calls += 1
         self.os3.observe_verification(seconds, 1)
         t = time.perf_counter()
-        if self.books is None:
+        watch = not self.spec.os3 or self.os3.worth_watching()  # else no γ could make speculation pay
+        if watch and self.books is None:
             self._absorb(self._bookkeeping(key, truth))
             t = self.lap("settle", t)
-        else:
+        elif watch and self.books is not None:
             self._book = self.books.submit(self._bookkeeping, key, truth)
         self.decode(key, self.g.correct(truth))
         t = self.lap("decode", t)
         if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
-            self.os3.observe_speculation(t - t0 - seconds)
+            self.os3.observe_speculation(t - t0 - seconds - t_join)
         self.plain_steps += 1
         self.release(len(self.res.tokens))
 

@@ -55,6 +55,7 @@ class LmSettings:
     prefill_chunk: int = PREFILL_CHUNK  # a longer prefill is fed in chunks of this many tokens
     batch: BatchLimits = BatchLimits()  # continuous batching and admission (the service's scheduler)
     threads: int = 1  # torch intra-op threads: one keeps the ragged forward batch-invariant (ragged.py)
+    batch_invariant: bool = True  # RALMSPEC_BATCH_INVARIANT
 
     @classmethod
     def from_env(cls) -> LmSettings:
@@ -62,7 +63,8 @@ class LmSettings:
         if chunk < 1:
             raise InvalidRequest(f"RALMSPEC_PREFILL_CHUNK must be positive, got {chunk}")
         return cls(session_idle_s=float(env.LM_SESSION_IDLE_S.get()), prefill_chunk=chunk,
-                   batch=BatchLimits.from_env().validate(chunk), threads=int(env.THREADS.get()) or 1)
+                   batch=BatchLimits.from_env().validate(chunk), threads=int(env.THREADS.get()) or 1,
+                   batch_invariant=env.BATCH_INVARIANT.get() != "0")
 
 
 class LmEngine:
@@ -72,6 +74,7 @@ class LmEngine:
     def __init__(self, lm: LoadedLM, stops: StopSets | None = None, settings: LmSettings = LmSettings(),
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.lm = lm
+        lm.batch_invariant = settings.batch_invariant
         self.stops = stops or StopSets.of(lm.tokenizer)
         self.vocab: int = getattr(lm.model.config, "vocab_size")  # noqa: B009 - config is untyped
         self.settings = settings

@@ -43,6 +43,7 @@ class LoadedLM:
     tokenizer: object  # transformers PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    batch_invariant: bool = True  # ragged forwards keep each row in its kernel class (ragged.py); set by LmSettings
 
     @property
     def max_positions(self) -> int:

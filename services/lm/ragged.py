@@ -244,7 +244,7 @@ def forward(lm: LoadedLM, feeds: Sequence[Feed]) -> list[Fed]:
     ids = torch.tensor([[t for s in segments for t in s.feed.tokens]], dtype=torch.long, device=dev)  # [1, T]
     pos = torch.cat([s.feed.positions for s in segments])[None].to(dev)  # [1, T]
     want_hidden = any(f.hidden for f in feeds)
-    token = _NARROW_ROWS.set(sum(narrow))
+    token = _NARROW_ROWS.set(sum(narrow) if lm.batch_invariant else None)  # None: MKL's own kernel choice
     try:
         out = lm.model(input_ids=ids, position_ids=pos, attention_mask=NO_MASK.to(dev), use_cache=False,
                        logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=dev),

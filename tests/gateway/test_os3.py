@@ -115,3 +115,20 @@ def test_no_speculation_before_evidence():
         assert os3.next_stride() == 0, n
         os3.observe_round(1, 1)  # shadow lookups that would have been right
     assert os3.evidence() and os3.next_stride() >= 1
+
+
+def test_plain_steps_stop_watching_where_no_gamma_could_pay():
+    # iterative RaLM on a CPU: a 0.4 s stride against a 20 ms search; even γ at its cap cannot make a guess pay
+    ralm = OS3(OS3Config(asynchronous=True, gamma_cap=0.6))
+    assert ralm.worth_watching()  # nothing measured yet
+    ralm.observe_speculation(0.4)
+    ralm.observe_verification(0.02)
+    assert not ralm.worth_watching()
+    # KNN-LM at 600k entries: a 120 ms step, a 35 ms search: worth measuring γ for
+    knn = OS3(OS3Config(asynchronous=True, gamma_cap=0.95))
+    knn.observe_speculation(0.12)
+    knn.observe_verification(0.035)
+    assert knn.worth_watching()
+    # the margin: a predicted gain of ~1% (a 7 ms IVF search) is not taken
+    assert optimal_stride(0.12, 0.007, 0.95, asynchronous=True, allow_plain=True, min_gain=0.05) == 0
+    assert optimal_stride(0.12, 0.007, 0.95, asynchronous=True, allow_plain=True) >= 1

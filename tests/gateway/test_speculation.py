@@ -12,7 +12,7 @@ from services.gateway.speculation import SpecConfig, SpeculationLoop, verificati
 class Toy:
     """Step n's truth is a function of n; the cache guesses it right except at every fifth step."""
 
-    gamma_cap = 0.6
+    gamma_cap = 0.9  # as KNN-LM: a miss costs one step
 
     def __init__(self, n: int, lm_s: float, search_s: float) -> None:
         self.n, self.lm_s, self.search_s = n, lm_s, search_s

@@ -92,3 +92,16 @@ async def test_an_expired_session_is_not_found_over_grpc(lm_rpc: Callable[[str],
         assert e.value.details() == f"LM session '{idle}' expired after 10 s unused; open a new one"
     reply = await lm_rpc("Step")(lm_pb2.StepRequest(session_id=active, tokens=CTX, max_new_tokens=1), timeout=5)
     assert len(reply.tokens) == 1
+
+
+def test_batch_invariance_is_a_setting(lm: LoadedLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RALMSPEC_BATCH_INVARIANT", "0")
+    assert LmSettings.from_env().batch_invariant is False
+    stops = StopSets(frozenset(), frozenset())
+    try:
+        plain = LmEngine(lm, stops, LmSettings(batch_invariant=False))  # the BLAS library's own kernels
+        assert lm.batch_invariant is False
+        assert len(plain.step(plain.open(), CTX, 4, False).tokens) == 4
+    finally:
+        LmEngine(lm, stops, LmSettings())  # the module's model goes back to the invariant kernels
+    assert lm.batch_invariant is True
