@@ -55,7 +55,7 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 def rotated(items: Sequence[G], i: int) -> list[G]:
     """`items` starting at position i mod len: request i runs the methods in this order, so that warm-up and
     drift in machine speed hit every method alike."""
-    k = i % len(items)
+    k = i % len(items) if items else 0
     return [*items[k:], *items[:k]]
 
 
