@@ -59,7 +59,7 @@ def test_assets_is_idempotent_and_prints_the_table():
 @pytest.mark.slow
 def test_knn_speculation_prints_the_baseline_tokens():
     base, spec = (json.loads(ralmspec("knn", "The Super Bowl is", "--json", "--max-new-tokens", "8", *extra).stdout)
-                  for extra in ([], ["--speculate", "+PSA"]))
+                  for extra in ([], ["--speculate", "+P"]))  # a fixed stride: OS³ would not guess at 40k
     s = spec["stats"]
     assert spec["tokens"] == base["tokens"]
     assert s["speculated"] > 0, f"the speculative run never speculated: {s}"
