@@ -222,32 +222,30 @@ class KnnDatastore:
             raise InvalidRequest(f"entry ids must be in [0, {self.size})")
 
 
-def fp16_index(keys: np.ndarray) -> faiss.IndexScalarQuantizer:
-    """An fp16 scalar-quantizer index over fp16 keys: its codes are the keys' own bytes (decoding is exact), so it
-    holds the same values as `flat_index` in half the bytes, and a scan reads half the memory."""
+def _filled(index: Any, keys: np.ndarray, dtype: type) -> Any:
+    """`index` (flat codes: one row of `dtype` per key) holding fp16 `keys`, filled in place chunk by chunk (peak
+    RAM: the index plus one chunk; `add` would reallocate and copy)."""
     n, d = keys.shape
-    index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
-    index.codes.resize(n * d * 2)
+    size = n * d * np.dtype(dtype).itemsize
+    index.codes.resize(size)
     if n:
-        codes = faiss.rev_swig_ptr(index.codes.data(), n * d * 2).view(np.float16).reshape(n, d)
-        for i in range(0, n, ADD_CHUNK):
-            codes[i : i + ADD_CHUNK] = keys[i : i + ADD_CHUNK]
-    index.ntotal = n
-    return index
-
-
-def flat_index(keys: np.ndarray) -> faiss.IndexFlatL2:
-    """IndexFlatL2 over the float32 upcast of fp16 keys, filled in place chunk by chunk (peak RAM: the index
-    plus one chunk; `add` would reallocate and copy)."""
-    n, d = keys.shape
-    index = faiss.IndexFlatL2(d)
-    index.codes.resize(n * d * 4)
-    if n:
-        rows = faiss.rev_swig_ptr(index.codes.data(), n * d * 4).view(np.float32).reshape(n, d)
+        rows: np.ndarray = faiss.rev_swig_ptr(index.codes.data(), size).view(dtype).reshape(n, d)
         for i in range(0, n, ADD_CHUNK):
             rows[i : i + ADD_CHUNK] = keys[i : i + ADD_CHUNK]
     index.ntotal = n
     return index
+
+
+def fp16_index(keys: np.ndarray) -> faiss.IndexScalarQuantizer:
+    """An fp16 scalar-quantizer index over fp16 keys: its codes are the keys' own bytes (decoding is exact), so it
+    holds the same values as `flat_index` in half the bytes, and a scan reads half the memory."""
+    sq = faiss.IndexScalarQuantizer(keys.shape[1], faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_L2)
+    return _filled(sq, keys, np.float16)
+
+
+def flat_index(keys: np.ndarray) -> faiss.IndexFlatL2:
+    """IndexFlatL2 over the float32 upcast of fp16 keys."""
+    return _filled(faiss.IndexFlatL2(keys.shape[1]), keys, np.float32)
 
 
 def read_meta(folder: Path) -> dict:
