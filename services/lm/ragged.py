@@ -8,14 +8,12 @@ per-session split (`Plan`) travels in the forward's kwargs, which every decoder 
 
 Batch invariance (a row's numbers must not depend on its batch-mates): attention is per session, norms and
 activations are row-wise, so the linear layers are what is left. A CPU GEMM picks its kernel, hence its
-reduction order, by the row count M. Measured here (torch 2.13, one intra-op thread, every linear shape of
-SmolLM2 and its LM head): the rows fall in three classes, M = 1 (GEMV), 2 <= M <= 15, and M >= 16; inside a class a
-row's output is bit-identical whatever M and wherever the row sits. With two threads there is no such rule (K = 1536
-splits differently at M = 57-69 and 127-129), so the LM replica runs one intra-op thread. `forward` therefore puts
-the single-token feeds (decodes) first and `prepare`'s linear layers compute those rows in blocks of 2-15 (one
-padded to 2) and every other row (prefill chunks, trees) in one call padded to >= 16 rows: a feed's rows always
-land in the same class, so its numbers are those it gets alone. What it costs is in docs/architecture.md: nothing
-for decode-only or prefill-only ticks, one more weight pass for a tick that mixes them.
+reduction order, by the row count M, in classes that differ between machines; `kernel_classes` probes them once
+per process (one intra-op thread: with two there is no stable rule) and says how to group rows. `forward` puts
+the single-token feeds (decodes) first, and `prepare`'s linear layers compute the rows as that plan says: on
+this AVX2 machine every row of a tick in one call padded to >= 4 rows; on an AVX-512 one, decodes in blocks of
+2-15 rows and the rest in one call padded to >= 16. Either way a feed's rows always land in the same class, so
+its numbers are those it gets alone. What it costs is in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -31,11 +29,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from services.lm.kernel_classes import RowPlan, row_plan
 from services.lm.model import LoadedLM
 
 ATTENTION = "ralmspec_ragged"
-NARROW = (2, 15)  # GEMM row counts of the small-M kernel class (decode rows go here, in blocks)
-WIDE = 16  # the fewest rows of the large-M class (prefill chunks and trees go here, in one call)
 GROW = 256  # KV slots a store grows by
 NO_MASK = torch.zeros(1, 1, 0, 0)  # a 4D mask makes transformers skip building its own (attention is ours)
 R = TypeVar("R")
@@ -177,7 +174,8 @@ AttentionInterface.register(ATTENTION, _attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # plain forwards of a prepared model get SDPA's masks
 
 
-_NARROW_ROWS: ContextVar[int | None] = ContextVar("narrow_rows", default=None)  # set during a ragged forward
+# Set during a ragged forward: how many leading rows are decodes, and the machine's row plan.
+_ROWS: ContextVar[tuple[int, RowPlan] | None] = ContextVar("ragged_rows", default=None)
 
 
 def _gemm(self: torch.nn.Linear, rows: torch.Tensor, at_least: int) -> torch.Tensor:
@@ -188,16 +186,20 @@ def _gemm(self: torch.nn.Linear, rows: torch.Tensor, at_least: int) -> torch.Ten
 
 
 def _invariant_linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """nn.Linear's forward; inside a ragged forward, the first `_NARROW_ROWS` rows (of the token rows, and of
-    the kept rows the LM head reads: one per decode feed either way) go through the small-M kernel class and the
-    rest through the large-M one."""
-    narrow = _NARROW_ROWS.get()
-    if narrow is None:
+    """nn.Linear's forward; inside a ragged forward, rows grouped by the row plan: the leading decode rows (of the
+    token rows, and of the kept rows the LM head reads: one per decode feed either way) in blocks of the narrow
+    class when the plan has one, the other rows in one call padded into the open class."""
+    at = _ROWS.get()
+    if at is None:
         return F.linear(x, self.weight, self.bias)
+    narrow, rp = at
     rows = x.reshape(-1, x.shape[-1])  # [M, in]
-    parts = [_gemm(self, rows[a: min(a + NARROW[1], narrow)], NARROW[0]) for a in range(0, narrow, NARROW[1])]
+    if rp.narrow is None:
+        return _gemm(self, rows, rp.wide).reshape(*x.shape[:-1], -1)
+    lo, hi = rp.narrow
+    parts = [_gemm(self, rows[a: min(a + hi, narrow)], lo) for a in range(0, narrow, hi)]
     if rows.shape[0] > narrow:
-        parts.append(_gemm(self, rows[narrow:], WIDE))
+        parts.append(_gemm(self, rows[narrow:], rp.wide))
     return torch.cat(parts).reshape(*x.shape[:-1], -1)
 
 
@@ -244,13 +246,13 @@ def forward(lm: LoadedLM, feeds: Sequence[Feed]) -> list[Fed]:
     ids = torch.tensor([[t for s in segments for t in s.feed.tokens]], dtype=torch.long, device=dev)  # [1, T]
     pos = torch.cat([s.feed.positions for s in segments])[None].to(dev)  # [1, T]
     want_hidden = any(f.hidden for f in feeds)
-    token = _NARROW_ROWS.set(sum(narrow) if lm.batch_invariant else None)  # None: MKL's own kernel choice
+    token = _ROWS.set((sum(narrow), row_plan(lm.model)) if lm.batch_invariant else None)  # None: the BLAS's choice
     try:
         out = lm.model(input_ids=ids, position_ids=pos, attention_mask=NO_MASK.to(dev), use_cache=False,
                        logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=dev),
                        output_hidden_states=want_hidden, ragged=Plan(segments))
     finally:
-        _NARROW_ROWS.reset(token)
+        _ROWS.reset(token)
     logits = out.logits[0].float().cpu()  # [len(keep), vocab]
     hidden = out.hidden_states[-1][0] if want_hidden else None  # [T, d]: the final norm's output
     results: list[Fed | None] = [None] * len(feeds)
