@@ -37,14 +37,16 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3.11 ca-certificates $(cat /tmp/runtime-apt) \
  && rm -rf /var/lib/apt/lists/* /tmp/runtime-apt \
- && useradd --uid 10001 --user-group --no-create-home --home-dir /app ralmspec \
+ && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp ralmspec \
  && mkdir -p /data && chown 10001:10001 /data
-# Same path as in the builder: the venv's scripts and the editable install point at /app.
+# Same path as in the builder: the venv's scripts and the editable install point at /app. HOME=/tmp: pods mount the
+# root filesystem read-only and /tmp as an emptyDir (where the JVM and library caches write).
 COPY --from=builder /app /app
 ENV PATH=/app/.venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     PYTHONDONTWRITEBYTECODE=1 \
+    HOME=/tmp \
     RALMSPEC_DATA=/data \
     RALMSPEC_HOST=0.0.0.0
 WORKDIR /app

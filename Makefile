@@ -20,7 +20,7 @@ export TOKENIZERS_PARALLELISM := false
 
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install python-deps runtime-apt system-deps assets assets-tiny test test-fast demo lint protos clean-venv
+.PHONY: install python-deps runtime-apt image image-gpu k8s-check system-deps assets assets-tiny test test-fast demo lint protos clean-venv
 
 install: $(STAMP) system-deps protos
 
@@ -76,6 +76,16 @@ test-fast: install
 
 demo: install
 	RALMSPEC_PROFILE=$(PROFILE) $(PY) -m services.demo
+
+# Kubernetes (k8s/README.md): the images (a Docker engine), and the checks that need no cluster (also in `test`).
+IMAGE ?= ralmspec
+image:
+	docker build -t $(IMAGE):0.1.0-cpu .
+image-gpu:
+	docker build -t $(IMAGE):0.1.0-gpu --build-arg VARIANT=gpu .
+
+k8s-check: assets-tiny
+	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q tests/k8s
 
 lint: install
 	$(BIN)/ruff check services tests bench

@@ -32,6 +32,9 @@ BATCH_INVARIANT = EnvVar("RALMSPEC_BATCH_INVARIANT", "1",
                          "library's own choice, faster for one request (a lone decode 100-130 -> ~65 ms measured on an "
                          "AMD EPYC) but tokens may differ in float noise with the batch")
 REDIS_URL = EnvVar("RALMSPEC_REDIS_URL", "", "Redis URL; empty = `ralmspec up` starts a local redis-server")
+REDIS_PASSWORD = EnvVar("RALMSPEC_REDIS_PASSWORD", "",
+                        "Kubernetes only: the Redis Secret's password, which the manifests splice into "
+                        "RALMSPEC_REDIS_URL ($(RALMSPEC_REDIS_PASSWORD)); the code reads only the URL")
 HOST = EnvVar("RALMSPEC_HOST", "127.0.0.1", "address a service's gRPC server binds")
 PORT = EnvVar("RALMSPEC_PORT", "0", "a service's gRPC port; 0 = a free one (printed at start)")
 REPLICA = EnvVar("RALMSPEC_REPLICA", "", "this replica's consumer name; empty = <hostname>-<pid>")
@@ -64,7 +67,8 @@ PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switc
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY,
        CLAIM_IDLE_MS, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS, MAX_BATCH_TOKENS,
-       PREFILL_CHUNK, KV_BUDGET_TOKENS, MAX_QUEUE, COALESCE_MS, VERIFY_WINDOW_MS, PRESET, LOG]
+       PREFILL_CHUNK, KV_BUDGET_TOKENS, MAX_QUEUE, COALESCE_MS, VERIFY_WINDOW_MS, PRESET, LOG,
+       REDIS_PASSWORD]
 
 
 def data_dir() -> Path:

@@ -1,0 +1,201 @@
+"""Consistency rules between the rendered manifests and the code. Each returns its violations (empty: it holds)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from k8s_manifests import Obj, containers, data_of, named, of_kind, pod_spec, servers
+
+from services.common import env
+from services.common.contracts import SERVICES
+
+# Services that read a Redis stream: every one but the gateway (serve_gateway passes streams=False: its requests
+# arrive over gRPC). Each reads its contract's stream in the consumer group the StreamWorker defaults to, the
+# stream's own name.
+CONSUMERS = {name: (svc.stream, svc.stream) for name, svc in SERVICES.items() if name != "gateway"}
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+
+
+def served_port(c_env: dict[str, str], argv: list[str]) -> int:
+    """The port `ralmspec serve` binds: --port, else RALMSPEC_PORT (0 would be a random one)."""
+    if "--port" in argv:
+        return int(argv[argv.index("--port") + 1])
+    return int(c_env.get(env.PORT.name, env.PORT.default))
+
+
+def _pod_env(objs: list[Obj], name: str) -> dict[str, str]:
+    c = servers(objs)[name]
+    return c.env(objs, f"{name}-0")
+
+
+def env_declared(objs: list[Obj]) -> list[str]:
+    """Every environment variable of a ralmspec container is declared in services/common/env.py."""
+    declared = {v.name for v in env.ALL}
+    return [f"{c.kind}/{c.name}: {n} is not declared in services/common/env.py"
+            for c in containers(objs) for n in sorted(c.env_names(objs) - declared)]
+
+
+def commands(objs: list[Obj]) -> list[str]:
+    """Every ralmspec container runs a real `ralmspec` subcommand with arguments its parser accepts, and a
+    Deployment serves the service it is named after."""
+    from services.cli import parser
+
+    bad = []
+    for c in containers(objs):
+        argv = c.argv
+        if argv[:1] != ["ralmspec"]:
+            bad.append(f"{c.kind}/{c.name}: {argv} is not the ralmspec command")
+            continue
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parser().parse_args(argv[1:])
+        except SystemExit:
+            bad.append(f"{c.kind}/{c.name}: `{' '.join(argv)}` is refused: {err.getvalue().strip().splitlines()[-1]}")
+            continue
+        if c.kind == "Deployment" and c.served != c.name:
+            bad.append(f"Deployment/{c.name} serves {c.served!r}, not the service it is named after")
+    return bad
+
+
+def ports(objs: list[Obj]) -> list[str]:
+    """Each server's containerPort is the port it serves, and its Service's targetPort reaches that port."""
+    bad = []
+    for name, c in servers(objs).items():
+        port = served_port(_pod_env(objs, name), c.argv)
+        if port == 0:
+            bad.append(f"Deployment/{name}: serves a random port (RALMSPEC_PORT=0)")
+            continue
+        if port not in [p["containerPort"] for p in c.spec.get("ports", [])]:
+            bad.append(f"Deployment/{name}: serves port {port}, containerPorts are {c.spec.get('ports')}")
+        labels = c.owner["spec"]["template"]["metadata"]["labels"]
+        svcs = [s for s in of_kind(objs, "Service")
+                if s["spec"].get("selector") and s["spec"]["selector"].items() <= labels.items()]
+        if not svcs:
+            bad.append(f"Deployment/{name}: no Service selects its pods")
+        for s in svcs:
+            for p in s["spec"]["ports"]:
+                try:
+                    target = c.port(p.get("targetPort", p["port"]))
+                except LookupError as e:
+                    bad.append(f"Service/{s['metadata']['name']}: {e}")
+                    continue
+                if target != port:
+                    bad.append(f"Service/{s['metadata']['name']}: targetPort {target}, the service serves {port}")
+    return bad
+
+
+def probes(objs: list[Obj]) -> list[str]:
+    """Each server has gRPC startup, readiness and liveness probes on the port that serves grpc.health.v1 (every
+    `ralmspec serve` registers health on its one gRPC port)."""
+    bad = []
+    for name, c in servers(objs).items():
+        port = served_port(_pod_env(objs, name), c.argv)
+        for kind in PROBES:
+            probe = c.spec.get(kind)
+            if probe is None:
+                bad.append(f"Deployment/{name}: no {kind}")
+            elif "grpc" not in probe:
+                bad.append(f"Deployment/{name}: {kind} is not a gRPC health check")
+            elif probe["grpc"]["port"] != port:  # a number: gRPC probes take no port names
+                bad.append(f"Deployment/{name}: {kind} checks port {probe['grpc']['port']}, health is on {port}")
+    return bad
+
+
+def pod_network(objs: list[Obj]) -> list[str]:
+    """Servers bind every interface in a pod (the default, loopback, is unreachable from the kubelet and peers)."""
+    return [f"Deployment/{n}: {env.HOST.name}={_pod_env(objs, n).get(env.HOST.name, env.HOST.default)}"
+            for n in servers(objs) if _pod_env(objs, n).get(env.HOST.name, env.HOST.default) != "0.0.0.0"]
+
+
+def drain(objs: list[Obj]) -> list[str]:
+    """terminationGracePeriodSeconds covers the drain: preStop, then the stream worker's and gRPC's drains (each up
+    to RALMSPEC_DRAIN_S), so a rolling update loses nothing in flight."""
+    bad = []
+    for name, c in servers(objs).items():
+        drain_s = float(_pod_env(objs, name).get(env.DRAIN_S.name, env.DRAIN_S.default))
+        pre = c.spec.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        pre_s = float(pre[1]) if pre[:1] == ["sleep"] else 0.0
+        grace = pod_spec(c.owner).get("terminationGracePeriodSeconds", 30)
+        if grace < pre_s + 2 * drain_s:
+            bad.append(f"Deployment/{name}: terminationGracePeriodSeconds {grace} < preStop {pre_s:.0f} + "
+                       f"2 x drain {drain_s:.0f} s")
+    return bad
+
+
+def redis_url(objs: list[Obj]) -> list[str]:
+    """Each server's RALMSPEC_REDIS_URL names the Redis Service and port, with the password Redis requires."""
+    redis = named(objs, "StatefulSet", "redis")
+    labels = redis["spec"]["template"]["metadata"]["labels"]
+    svc = [s for s in of_kind(objs, "Service") if s["spec"].get("selector", {}).items() <= labels.items()
+           and s["spec"].get("selector")]
+    password = redis_password(objs)
+    bad = []
+    for name in servers(objs):
+        url = urlsplit(_pod_env(objs, name).get(env.REDIS_URL.name, ""))
+        if not any(url.hostname == s["metadata"]["name"] and url.port in [p["port"] for p in s["spec"]["ports"]]
+                   for s in svc):
+            bad.append(f"Deployment/{name}: Redis URL {url.hostname}:{url.port} is not the Redis Service")
+        if url.password != password:
+            bad.append(f"Deployment/{name}: the Redis URL's password is not the one Redis requires")
+    return bad
+
+
+def redis_password(objs: list[Obj]) -> str:
+    """The password the Redis container requires (--requirepass, expanded from its env)."""
+    redis = pod_spec(named(objs, "StatefulSet", "redis"))["containers"][0]
+    args = [*redis.get("command", []), *redis.get("args", [])]
+    value = str(args[args.index("--requirepass") + 1])
+    for e in redis.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref and value == f"$({e['name']})":
+            return data_of(named(objs, "Secret", ref["name"]))[ref["key"]]
+    return value
+
+
+def keda(objs: list[Obj]) -> list[str]:
+    """Every stream-consuming service has a ScaledObject whose redis-streams trigger names its stream and consumer
+    group (services/common/contracts.py), on the Redis Service, authenticated; no trigger names any other stream."""
+    bad = []
+    scaled = of_kind(objs, "ScaledObject")
+    if not scaled:
+        return bad  # an overlay without KEDA (cpu-hpa)
+    by_target = {so["spec"]["scaleTargetRef"]["name"]: so for so in scaled}
+    srv = servers(objs)
+    auths = {a["metadata"]["name"] for a in of_kind(objs, "TriggerAuthentication")}
+    for name, (stream, group) in CONSUMERS.items():
+        so = by_target.get(name)
+        if so is None:
+            bad.append(f"{name}: consumes {stream} but has no ScaledObject")
+            continue
+        if srv.get(name) is None or srv[name].served != name:
+            bad.append(f"ScaledObject/{so['metadata']['name']}: its target does not serve {name}")
+        triggers = [t for t in so["spec"]["triggers"] if t["type"] == "redis-streams"]
+        if not triggers:
+            bad.append(f"ScaledObject/{so['metadata']['name']}: no redis-streams trigger")
+        for t in triggers:
+            m = t["metadata"]
+            if (m.get("stream"), m.get("consumerGroup")) != (stream, group):
+                bad.append(f"ScaledObject/{so['metadata']['name']}: trigger reads {m.get('stream')}/"
+                           f"{m.get('consumerGroup')}, {name} consumes {stream}/{group}")
+            if not {"lagCount", "pendingEntriesCount"} & m.keys():
+                bad.append(f"ScaledObject/{so['metadata']['name']}: scales on neither lag nor pending entries")
+            host = m.get("address", "").split(":")[0].split(".")[0]
+            if host not in [s["metadata"]["name"] for s in of_kind(objs, "Service")]:
+                bad.append(f"ScaledObject/{so['metadata']['name']}: address {m.get('address')} is no Service")
+            if t.get("authenticationRef", {}).get("name") not in auths:
+                bad.append(f"ScaledObject/{so['metadata']['name']}: no TriggerAuthentication for Redis")
+    for so in scaled:
+        target = so["spec"]["scaleTargetRef"]["name"]
+        if target not in CONSUMERS and any(t["type"] == "redis-streams" for t in so["spec"]["triggers"]):
+            bad.append(f"ScaledObject/{so['metadata']['name']}: {target} consumes no stream")
+    return bad
+
+
+RULES: dict[str, Callable[[list[Obj]], list[str]]] = {
+    "env_declared": env_declared, "commands": commands, "ports": ports, "probes": probes,
+    "pod_network": pod_network, "drain": drain, "redis_url": redis_url, "keda": keda,
+}
