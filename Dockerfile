@@ -37,16 +37,19 @@ RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
       python3.11 ca-certificates $(cat /tmp/runtime-apt) \
  && rm -rf /var/lib/apt/lists/* /tmp/runtime-apt \
+ && ln -s "$(dirname "$(dirname "$(readlink -f "$(command -v java)")")")" /usr/lib/jvm/default-runtime \
  && useradd --uid 10001 --user-group --no-create-home --home-dir /tmp ralmspec \
  && mkdir -p /data && chown 10001:10001 /data
 # Same path as in the builder: the venv's scripts and the editable install point at /app. HOME=/tmp: pods mount the
-# root filesystem read-only and /tmp as an emptyDir (where the JVM and library caches write).
+# root filesystem read-only and /tmp as an emptyDir (where the JVM and library caches write). JAVA_HOME: pyjnius
+# looks for javac to find Java unless it is set, and the runtime has a JRE only.
 COPY --from=builder /app /app
 ENV PATH=/app/.venv/bin:$PATH \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \
+    JAVA_HOME=/usr/lib/jvm/default-runtime \
     RALMSPEC_DATA=/data \
     RALMSPEC_HOST=0.0.0.0
 WORKDIR /app
