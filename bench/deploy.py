@@ -1,0 +1,110 @@
+"""Deployment checks as a results file: every overlay rendered and validated, the rendered `cpu` Deployments run as
+processes against `ralmspec up`, and whether the image was built here.
+
+    python -m bench.deploy            # writes bench/results/deploy.{json,md}
+    python -m bench.deploy --no-run   # render and validate only (seconds)
+
+The rendering, validation and process-running code is tests/k8s's (k8s_manifests.py, test_k8s_processes.py), so
+the file reports exactly what `make test` checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from bench.results_io import write
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "k8s"))
+from k8s_manifests import K8S_VERSION, OVERLAYS, kubectl_version, named, render, validate_all  # noqa: E402
+
+IMAGE = "ralmspec:0.1.0-cpu"
+
+
+def manifests_as_processes() -> dict:
+    """The test's run: rendered cpu Deployments as processes (retriever scaled to 2), then `ralmspec up`."""
+    import redis
+    from k8s_rules import CONSUMERS, redis_password
+    from test_k8s_processes import QUESTIONS, SCALED, Pods, generate
+
+    from services.common.transport import counter_key
+    from services.up import Cluster
+
+    objs = render("cpu")
+    name, replicas = SCALED
+    named(objs, "Deployment", name)["spec"]["replicas"] = replicas
+    with tempfile.TemporaryDirectory() as tmp:
+        pods = Pods(objs, Path(tmp))
+        try:
+            pods.start()
+            pods.wait_probes()
+            got = generate(pods.service_address("gateway"))
+            stream, group = CONSUMERS[name]
+            r = redis.Redis(port=pods.redis_port, password=redis_password(objs), decode_responses=True)
+            consumers = sorted(c["name"] for c in r.xinfo_consumers(stream, group))
+            served = {k: int(v) for k, v in r.hgetall(counter_key("served", group)).items()}
+        finally:
+            drained = pods.stop()
+    with Cluster("tiny") as cluster:
+        want = generate(cluster.gateway)
+    return {"questions": QUESTIONS, "tokens": got, "up_tokens": want, "identical": got == want,
+            "scaled": {"deployment": name, "replicas": replicas, "consumers": consumers, "served": served},
+            "drain_s": {k: round(v, 2) for k, v in drained.items()}}
+
+
+def image_built() -> dict:
+    """Whether an image of this Dockerfile is in a local store (buildah's or Docker's) on this machine."""
+    for tool in ("buildah", "docker"):
+        if not shutil.which(tool):
+            continue
+        repo = "{{.Name}}" if tool == "buildah" else "{{.Repository}}"
+        out = subprocess.run([tool, *(["--storage-driver", "vfs"] if tool == "buildah" else []), "images", "--format",
+                              repo + ":{{.Tag}} {{.ID}} {{.CreatedAt" + ("Raw" if tool == "buildah" else "") + "}}"],
+                             capture_output=True, text=True)
+        for line in out.stdout.splitlines():
+            if line.split()[0].rsplit("/", 1)[-1] == IMAGE:
+                return {"built": True, "tool": tool, "image": " ".join(line.split())}
+    return {"built": False}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--no-run", action="store_true", help="skip the manifests-as-processes run")
+    args = ap.parse_args()
+    rows, errors_all = [], []
+    for overlay in OVERLAYS:
+        objs = render(overlay)
+        validated, errors = validate_all(objs)
+        errors_all += errors
+        kinds = Counter(o["kind"] for o in objs)
+        rows.append({"overlay": overlay, "objects": len(objs), "validated": validated, "errors": len(errors),
+                     "kinds": ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())),
+                     "names": sorted(f"{o['kind']}/{o['metadata']['name']}" for o in objs)})
+    run = None if args.no_run else manifests_as_processes()
+    image = image_built()
+    payload = {
+        "objects": sum(r["objects"] for r in rows), "validated": sum(r["validated"] for r in rows),
+        "errors": len(errors_all), "overlays": list(OVERLAYS), "k8s_version": K8S_VERSION,
+        "manifest_run_identical": bool(run and run["identical"]), "image_built": image["built"],
+        "kubectl": kubectl_version(), "error_messages": errors_all, "manifest_run": run, "image": image,
+        "rows": rows,
+    }
+    notes = (f"Validated against Kubernetes {K8S_VERSION} (kubernetes-validate --strict) and KEDA's schema subset; "
+             f"rendered with kubectl {payload['kubectl']}. Manifests as processes: "
+             + (json.dumps({k: run[k] for k in ("identical", "scaled", "drain_s")}) if run else "not run") +
+             f". Image: {json.dumps(image)}."
+             + (" Built here by Debian 12's buildah 1.28 (no Docker engine) from a bookworm base made with debootstrap,"
+                " --build-arg TORCH_INDEX= with the CPU torch wheel in the base's pip find-links; buildah 1.28 does not"
+                " resolve `FROM base-${VARIANT}`, so that build substituted `base-cpu`."
+                if image.get("tool") == "buildah" else ""))
+    write("deploy", payload, ["overlay", "objects", "validated", "errors", "kinds"], "Kubernetes manifests", notes)
+
+
+if __name__ == "__main__":
+    main()
