@@ -61,6 +61,8 @@ def main() -> None:
     settings = GatewaySettings.from_env(profile=args.profile)
     lm = load(settings.model, settings.layout.models)
     rp = row_plan(lm.model)
+    if rp is None:
+        raise SystemExit("no batch-invariant row grouping on this machine (see the log)")
     stores = [filled_store(lm, CONTEXT, i) for i in range(16)]
     chunk_ctx = filled_store(lm, 64, 99)
     cells = [(f"decode B={b}", stores[:b], None) for b in map(int, args.batches.split(","))]

@@ -54,6 +54,9 @@ PREFILL_CHUNK = EnvVar("RALMSPEC_PREFILL_CHUNK", "128",
 KV_BUDGET_TOKENS = EnvVar("RALMSPEC_KV_BUDGET_TOKENS", "65536",
                           "LM: tokens all sessions' KV caches may hold on one replica (SmolLM2: 46 KB each); past it "
                           "RESOURCE_EXHAUSTED")
+PREFIX_CACHE_TOKENS = EnvVar("RALMSPEC_PREFIX_CACHE_TOKENS", "8192",
+                             "LM: tokens of shared document prefixes (BOS + a retrieved document) one replica keeps "
+                             "across sessions, least recently used first out (SmolLM2: 46 KB a token); 0 = off")
 MAX_QUEUE = EnvVar("RALMSPEC_MAX_QUEUE", "256",
                    "calls a replica (LM scheduler, gateway) holds waiting beyond those it runs; past it "
                    "RESOURCE_EXHAUSTED")
@@ -67,7 +70,7 @@ PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switc
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY,
        CLAIM_IDLE_MS, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS, MAX_BATCH_TOKENS,
-       PREFILL_CHUNK, KV_BUDGET_TOKENS, MAX_QUEUE, COALESCE_MS, VERIFY_WINDOW_MS, PRESET, LOG,
+       PREFILL_CHUNK, KV_BUDGET_TOKENS, PREFIX_CACHE_TOKENS, MAX_QUEUE, COALESCE_MS, VERIFY_WINDOW_MS, PRESET, LOG,
        REDIS_PASSWORD]
 
 

@@ -28,7 +28,7 @@ class LmBackend(Protocol):
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool,
              reprefill: bool = False, tree: DraftTree | None = None,
-             sampling: SamplingParams | None = None) -> Emitted: ...
+             sampling: SamplingParams | None = None, prefix: int = 0) -> Emitted: ...
 
     def close(self, sid: str) -> bool: ...
 
@@ -72,11 +72,12 @@ class Backends:
 
 def drafted_decode(backends: Backends, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, draft: str,
                    budget: int, sampling: SamplingParams | None = None, *,
-                   clock: Callable[[], None] = lambda: None) -> Emitted:
+                   clock: Callable[[], None] = lambda: None, prefix: int = 0) -> Emitted:
     """Up to n tokens after `seq` by REST: draft a tree, verify it in one LM forward, re-draft after each step
     (the context grew), until n tokens or a stop token. Greedy tokens (the same as plain greedy decoding), or with
     `sampling` sampled ones (distributed exactly as plain sampling's; each step seeds from its position).
-    `clock` is checked before every step (the request's deadline and cancellation)."""
+    `clock` is checked before every step (the request's deadline and cancellation); `prefix`: the shared prefix
+    (BOS + document) in front of `seq`, see `LmEngine.step_work`."""
     if backends.drafts is None:
         raise InvalidRequest("drafting needs the REST datastore, which this runtime did not load")
     out = Emitted()
@@ -84,7 +85,7 @@ def drafted_decode(backends: Backends, sid: str, seq: Sequence[int], n: int, sto
         clock()
         ctx = list(seq) + out.tokens
         e = backends.lm.step(sid, ctx, n - len(out.tokens), stop_at_newline,
-                             tree=backends.drafts.propose(draft, ctx, budget), sampling=sampling)
+                             tree=backends.drafts.propose(draft, ctx, budget), sampling=sampling, prefix=prefix)
         out.tokens += e.tokens
         out.gaps += e.gaps
         out.forwards += e.forwards

@@ -125,12 +125,14 @@ class RalmEngine:
         """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context (`clock`:
         checked between the LM steps of a drafted stride)."""
         n = min(cfg.stride, cfg.max_new_tokens - len(generated))
-        seq = self.bos + list(self.doc_ids(pid, cfg.doc_tokens)) + list(prompt_ids) + list(generated)
+        doc = self.doc_ids(pid, cfg.doc_tokens)
+        seq = self.bos + list(doc) + list(prompt_ids) + list(generated)
+        prefix = len(self.bos) + len(doc) if doc else 0  # BOS + document: shared through the LM's prefix cache
         if cfg.draft == "none":
-            return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse)
+            return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse, prefix=prefix)
         # REST drafting, capped at this stride: the next stride may put another document in front.
         return drafted_decode(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget,
-                              clock=clock)
+                              clock=clock, prefix=prefix)
 
     def answer(self, tokens: Sequence[int], cfg: RalmConfig) -> str:
         text = self.decode(tokens)

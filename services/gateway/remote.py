@@ -78,11 +78,11 @@ class RemoteLm:
         return sid
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
-             tree: DraftTree | None = None, sampling: SamplingParams | None = None) -> Emitted:
+             tree: DraftTree | None = None, sampling: SamplingParams | None = None, prefix: int = 0) -> Emitted:
         draft = tree_to_proto(tree) if tree is not None else None
         r = self._pinned(sid, "Step", lambda real: lpb.StepRequest(
             session_id=real, tokens=list(seq), max_new_tokens=n, stop_at_newline=stop_at_newline,
-            reprefill=reprefill, draft=draft, **sampling_to_proto(sampling)), lpb.StepReply)
+            reprefill=reprefill, draft=draft, prefix_tokens=prefix, **sampling_to_proto(sampling)), lpb.StepReply)
         return Emitted(list(r.tokens), list(r.gaps), forwards=r.forwards, fed=r.fed, stopped=r.stopped)
 
     def state(self, sid: str, seq: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:

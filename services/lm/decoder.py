@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.lm.model import LoadedLM
+from services.lm.prefix_cache import PrefixCache
 from services.lm.ragged import Feed, KvStore, Work, run
 
 PREFILL_CHUNK = 128  # tokens per prefill feed (RALMSPEC_PREFILL_CHUNK)
@@ -46,9 +47,10 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Session:
     """One sequence's KV cache. Not thread-safe; one session per request."""
 
-    def __init__(self, lm: LoadedLM, chunk: int = PREFILL_CHUNK) -> None:
+    def __init__(self, lm: LoadedLM, chunk: int = PREFILL_CHUNK, prefixes: PrefixCache | None = None) -> None:
         self.lm = lm
         self.chunk = chunk
+        self.prefixes = prefixes  # the replica's shared prefix cache (None: none)
         self.ids: list[int] = []  # tokens whose K/V are in the cache, in order
         self.store = KvStore(int(getattr(lm.model.config, "num_hidden_layers")))  # noqa: B009 - untyped config
         self._last: torch.Tensor | None = None  # [vocab] logits after self.ids
@@ -86,6 +88,29 @@ class Session:
         self._last = (yield from self.feed_work(seq[keep:], torch.arange(keep, len(seq)), None, 1, hidden=True))[0]
         self.ids = list(seq)
         return self._hidden, self._last  # type: ignore[return-value]
+
+    def shared_prefix_work(self, seq: Sequence[int], n: int, reuse: bool = True) -> Work[None]:
+        """Make the cache hold `seq[:n]` (BOS + a document: a prefix other sessions may share) computed the one
+        canonical way, alone from position 0 in `chunk`-token feeds: loaded from the replica's prefix cache when
+        it is there (`reuse`), else fed and offered to it. A no-op when the cache already holds that prefix (it
+        was made the same way) or n is 0; the rest of `seq` is the caller's to feed. `reuse=False` (the paper
+        baseline) recomputes the prefix and leaves the prefix cache alone."""
+        if not 0 < n < len(seq):
+            if n:
+                raise ValueError(f"a shared prefix of {n} tokens must leave some of the {len(seq)} to feed")
+            return
+        if reuse and _common_prefix(self.ids, seq) >= n:
+            return
+        ids = tuple(seq[:n])
+        self.reset()
+        hit = self.prefixes.get(ids) if reuse and self.prefixes is not None else None
+        if hit is not None:
+            self.store.load(hit)
+        else:
+            yield from self.feed_work(ids, torch.arange(n), None, 0)
+            if reuse and self.prefixes is not None:
+                self.prefixes.put(ids, self.store.snapshot(n))
+        self.ids = list(ids)
 
     def hold_prefix(self, seq: Sequence[int], reuse: bool = True) -> int:
         """Crop (or reset) the cache to the longest prefix of `seq` it can serve and return that prefix's length.

@@ -22,6 +22,7 @@ from services.common.expiring import ExpiringTable
 from services.lm.continuous_batching import BatchLimits
 from services.lm.decoder import PREFILL_CHUNK, Emitted, Session
 from services.lm.model import LoadedLM
+from services.lm.prefix_cache import PrefixCache
 from services.lm.ragged import Work, run
 from services.lm.sampling import SamplingParams, sample_work
 from services.lm.tree_attention import tree_step_work
@@ -56,6 +57,7 @@ class LmSettings:
     batch: BatchLimits = BatchLimits()  # continuous batching and admission (the service's scheduler)
     threads: int = 1  # torch intra-op threads: one keeps the ragged forward batch-invariant (ragged.py)
     batch_invariant: bool = True  # RALMSPEC_BATCH_INVARIANT
+    prefix_cache_tokens: int = 8192  # RALMSPEC_PREFIX_CACHE_TOKENS: shared document prefixes kept (0 = off)
 
     @classmethod
     def from_env(cls) -> LmSettings:
@@ -64,7 +66,8 @@ class LmSettings:
             raise InvalidRequest(f"RALMSPEC_PREFILL_CHUNK must be positive, got {chunk}")
         return cls(session_idle_s=float(env.LM_SESSION_IDLE_S.get()), prefill_chunk=chunk,
                    batch=BatchLimits.from_env().validate(chunk), threads=int(env.THREADS.get()) or 1,
-                   batch_invariant=env.BATCH_INVARIANT.get() != "0")
+                   batch_invariant=env.BATCH_INVARIANT.get() != "0",
+                   prefix_cache_tokens=max(0, int(env.PREFIX_CACHE_TOKENS.get())))
 
 
 class LmEngine:
@@ -80,9 +83,10 @@ class LmEngine:
         self.settings = settings
         torch.set_num_threads(settings.threads)  # process-wide: the LM owns its process's torch
         self.sessions = ExpiringTable[Session]("LM session", settings.max_sessions, settings.session_idle_s, clock)
+        self.prefixes = PrefixCache(settings.prefix_cache_tokens)  # shared by this engine's sessions
 
     def open(self, session: Session | None = None) -> str:
-        return self.sessions.add(session or Session(self.lm, self.settings.prefill_chunk))
+        return self.sessions.add(session or Session(self.lm, self.settings.prefill_chunk, self.prefixes))
 
     def kv_held(self) -> int:
         """KV slots all open sessions hold allocated (tokens)."""
@@ -92,30 +96,46 @@ class LmEngine:
         return self.sessions.get(sid)
 
     def step(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
-             tree: Any = None, sampling: SamplingParams | None = None) -> Emitted:
+             tree: Any = None, sampling: SamplingParams | None = None, prefix: int = 0) -> Emitted:
         """`step_work` run alone."""
-        return run(self.lm, self.step_work(sid, seq, n, stop_at_newline, reprefill, tree, sampling))
+        return run(self.lm, self.step_work(sid, seq, n, stop_at_newline, reprefill, tree, sampling, prefix))
 
     def step_work(self, sid: str, seq: Sequence[int], n: int, stop_at_newline: bool, reprefill: bool = False,
-                  tree: Any = None, sampling: SamplingParams | None = None) -> Work[Emitted]:
+                  tree: Any = None, sampling: SamplingParams | None = None, prefix: int = 0) -> Work[Emitted]:
         """Up to n greedy tokens after `seq`, or sampled ones with `sampling` (temperature > 0). With a draft `tree`
         (`.tokens`, `.parents`), ONE forward verifies it and emits the accepted path plus the model's next token
         (REST), capped at n; sampled acceptance keeps the tokens distributed exactly as plain sampling's.
+        `prefix`: the first `prefix` tokens (BOS + a document) are a shared prefix, made the canonical way and
+        through the replica's prefix cache (`Session.shared_prefix_work`); 0: none.
         Checks everything (and finds the session) now, before any work: the returned work only decodes."""
         if n <= 0:
             raise InvalidRequest(f"max_new_tokens must be positive, got {n}")
         self._check(seq, n)
+        if not 0 <= prefix < len(seq):
+            raise InvalidRequest(f"prefix_tokens ({prefix}) must be at least 0 and below the sequence's length "
+                                 f"({len(seq)} tokens): the shared prefix is the document in front of the context")
         if sampling is not None and sampling.validate().greedy:
             sampling = None
         stop = self.stops.get(stop_at_newline)
         session = self.session(sid)
-        if tree is not None:
-            if reprefill:
-                raise InvalidRequest("draft trees extend the KV cache; they cannot be combined with re-prefill")
-            return tree_step_work(session, seq, tree, max_new=n, stop=stop, sampling=sampling)
-        if sampling is not None:
-            return sample_work(session, seq, n, stop, sampling, reuse=not reprefill)
-        return session.greedy_work(seq, n, stop, reuse=not reprefill)
+        if tree is not None and reprefill:
+            raise InvalidRequest("draft trees extend the KV cache; they cannot be combined with re-prefill")
+        reuse = not reprefill or prefix > 0  # a re-prefill recomputes the prefix itself, then keeps it
+
+        def work() -> Work[Emitted]:
+            forwards, fed = session.forwards, session.fed_tokens
+            yield from session.shared_prefix_work(seq, prefix, reuse=not reprefill)
+            forwards, fed = session.forwards - forwards, session.fed_tokens - fed
+            if tree is not None:
+                out = yield from tree_step_work(session, seq, tree, max_new=n, stop=stop, sampling=sampling)
+            elif sampling is not None:
+                out = yield from sample_work(session, seq, n, stop, sampling, reuse=reuse)
+            else:
+                out = yield from session.greedy_work(seq, n, stop, reuse=reuse)
+            out.forwards, out.fed = out.forwards + forwards, out.fed + fed  # the prefix's feeds count too
+            return out
+
+        return work()
 
     def state(self, sid: str, seq: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
         """`state_work` run alone."""

@@ -124,11 +124,12 @@ def _runs(of: dict[int, int]) -> tuple[tuple[int, int], ...]:
     return tuple((a, b) for a, b in runs)
 
 
-_PLANS: dict[tuple[object, ...], RowPlan] = {}
+_PLANS: dict[tuple[object, ...], RowPlan | None] = {}
 
 
-def row_plan(model: torch.nn.Module) -> RowPlan:
-    """The plan for `model`'s linear layers under the current thread count, probed once per process and key."""
+def row_plan(model: torch.nn.Module) -> RowPlan | None:
+    """The plan for `model`'s linear layers under the current thread count, probed once per process and key; None
+    (with a warning) where no grouping is invariant: rows then take the BLAS library's own kernels."""
     linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -136,7 +137,13 @@ def row_plan(model: torch.nn.Module) -> RowPlan:
     shapes = tuple(sorted({(tuple(w.shape), w.dtype, w.device.type) for w in linears}, key=str))
     key = (shapes, head_out, torch.get_num_threads())
     if key not in _PLANS:
-        with torch.inference_mode():
-            _PLANS[key] = plan(probe(linears, head_out))
-        log.info("batch invariance, %d thread(s): %s", torch.get_num_threads(), _PLANS[key].describe())
+        try:
+            with torch.inference_mode():
+                found = plan(probe(linears, head_out))
+            _PLANS[key] = found
+            log.info("batch invariance, %d thread(s): %s", torch.get_num_threads(), found.describe())
+        except NotInvariant as e:
+            _PLANS[key] = None
+            log.warning("batch invariance is not available on this machine (%s): a request's tokens may differ "
+                        "in float noise with its batch-mates", e)
     return _PLANS[key]

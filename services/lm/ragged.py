@@ -83,6 +83,22 @@ class KvStore:
         self.pos = self.pos[:n]
 
     @torch.inference_mode()
+    def snapshot(self, n: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Copies of the first n slots' keys and values, per layer [kv heads, n, head dim]."""
+        if n > self.length:
+            raise ValueError(f"snapshot of {n} slots, but the store holds {self.length}")
+        return tuple((k[:, :n].clone(), v[:, :n].clone()) for k, v in zip(self.k, self.v)  # type: ignore[index]
+                     if k is not None and v is not None)
+
+    @torch.inference_mode()
+    def load(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Hold exactly `layers` (a `snapshot`) at positions 0..n-1, replacing everything held."""
+        self.crop(0)
+        for i, (k, v) in enumerate(layers):
+            self.write(i, k, v)
+        self.commit(torch.arange(layers[0][0].shape[1]))
+
+    @torch.inference_mode()
     def compact(self, keep: torch.Tensor) -> None:
         """Keep only slots `keep` [m] (ascending), moved to the front."""
         for k, v in zip(self.k, self.v):
@@ -246,7 +262,8 @@ def forward(lm: LoadedLM, feeds: Sequence[Feed]) -> list[Fed]:
     ids = torch.tensor([[t for s in segments for t in s.feed.tokens]], dtype=torch.long, device=dev)  # [1, T]
     pos = torch.cat([s.feed.positions for s in segments])[None].to(dev)  # [1, T]
     want_hidden = any(f.hidden for f in feeds)
-    token = _ROWS.set((sum(narrow), row_plan(lm.model)) if lm.batch_invariant else None)  # None: the BLAS's choice
+    rp = row_plan(lm.model) if lm.batch_invariant else None
+    token = _ROWS.set((sum(narrow), rp) if rp is not None else None)  # None: the BLAS library's own kernels
     try:
         out = lm.model(input_ids=ids, position_ids=pos, attention_mask=NO_MASK.to(dev), use_cache=False,
                        logits_to_keep=torch.tensor(keep or [0], dtype=torch.long, device=dev),

@@ -37,7 +37,8 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Sched
         sampling = sampling_from_proto(req)
         seq = list(req.tokens)
         # every check (and NOT_FOUND) happens here, before the call queues
-        work = engine.step_work(sid, seq, req.max_new_tokens, req.stop_at_newline, req.reprefill, tree, sampling)
+        work = engine.step_work(sid, seq, req.max_new_tokens, req.stop_at_newline, req.reprefill, tree, sampling,
+                                req.prefix_tokens)
         need = engine.kv_need(sid, seq, req.max_new_tokens, 0 if tree is None else len(tree.tokens))
         e = await asyncio.wrap_future(batch.submit(sid, work, need, call.deadline, call.cancelled))
         return pb.StepReply(tokens=e.tokens, gaps=e.gaps, stopped=e.stopped, forwards=e.forwards, fed=e.fed)
@@ -54,10 +55,12 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Sched
         return pb.CloseSessionReply(existed=engine.close(_sid(req.session_id)))
 
     async def stats(req: pb.StatsRequest) -> pb.StatsReply:
-        st, lim = batch.stats, batch.limits
+        st, lim, px = batch.stats, batch.limits, engine.prefixes
         return pb.StatsReply(forwards=st.forwards, rows=st.rows, tokens=st.tokens, refused=st.refused,
                              expired=st.expired, sessions=len(engine.sessions), kv_tokens=engine.kv_held(),
                              queued=batch.queued, max_batch_seqs=lim.max_batch_seqs,
-                             max_batch_tokens=lim.max_batch_tokens, busy_s=st.busy_s)
+                             max_batch_tokens=lim.max_batch_tokens, busy_s=st.busy_s,
+                             prefix_hits=px.stats.hits, prefix_misses=px.stats.misses,
+                             prefix_tokens_reused=px.stats.tokens_reused, prefix_cached_tokens=px.held)
 
     return LM.bind(OpenSession=open_session, Step=step, State=state, CloseSession=close_session, Stats=stats), batch
