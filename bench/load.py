@@ -117,7 +117,7 @@ def quick_plan(tokens: int) -> Plan:
     """One workload of each kind at 1 and 4 clients, one repetition, one overloaded open-loop run."""
     closed = both({cell: (1, 4) for cell in (
         ("qa-exact", KV), ("qa-exact", SPEC), ("knn", KV), ("draft-rest", KV), ("mix", "mixed"))})
-    return Plan(closed, (HEADLINE,), (2.0,), 4.0, 1, 4, 2, tokens)
+    return Plan(closed, (HEADLINE,), (2.0,), 4.0, 1, 4, 1, tokens)
 
 
 def spec_plan(reps: int, prompts: int, tokens: int) -> Plan:
@@ -374,7 +374,7 @@ def draw(ax, workload: str, rows: list[dict]) -> None:  # type: ignore[no-untype
 
 def main(argv: Sequence[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="tiny profile, 1 rep, 1 and 4 clients x 2 requests, 12 tokens")
+    ap.add_argument("--quick", action="store_true", help="tiny profile, 1 rep, 1 and 4 clients x 1 request, 12 tokens")
     ap.add_argument("--profile", default=None, help="asset profile (default: default; tiny with --quick)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions, as many as fit in --budget-min")
     ap.add_argument("--budget-min", type=float, default=52.0,

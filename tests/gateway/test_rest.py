@@ -1,4 +1,4 @@
-"""REST drafting never changes greedy output: on 100 RaLM prompts (passage + QA prompt) with drafts from the
+"""REST drafting never changes greedy output: on 60 RaLM prompts (passage + QA prompt) with drafts from the
 corpus datastore and the context, and inside iterative RaLM with speculative retrieval on, every retriever."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from services.gateway.ralm import RalmConfig
 from services.gateway.ralmspec import PRESETS, SpeculativeRalm
 from services.lm.decoder import Emitted
 
-PROMPTS = 100
-TOKENS = 12  # per prompt; 100 prompts keep this test near 3 minutes on 2 cores (AVX2)
+PROMPTS = 60
+TOKENS = 12  # per prompt; 60 prompts keep this test near 3 minutes on 2 cores (AMD EPYC, AVX2)
 
 
 def greedy_then_drafted(engine, seq: list[int], n: int, source: str, budget: int) -> tuple[Emitted, Emitted]:
@@ -27,7 +27,7 @@ def greedy_then_drafted(engine, seq: list[int], n: int, source: str, budget: int
 
 
 @pytest.mark.slow
-def test_rest_greedy_equals_greedy_on_100_prompts(engine, questions, same_tokens):
+def test_rest_greedy_equals_greedy_on_60_prompts(engine, questions, same_tokens):
     exact = engine.retriever("exact")
     sources = ("both", "rest", "prompt")
     tokens = forwards = 0
