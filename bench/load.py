@@ -27,7 +27,8 @@ Per row (an open-loop row has concurrency 0, its rate in rate_x and rate_per_s),
   drains at the cluster's saturated throughput).
 - requests_per_s: tokens_per_s / mean tokens per answered request.
 - p50_s, p95_s, p99_s: send -> last chunk of answered requests; ttft_p50_s: send -> first chunk carrying tokens.
-- mean_batch: Δrows / Δforwards of the LM replicas' `Stats` over the unit (null when the LM does not answer it).
+- mean_batch: Δrows / Δforwards of the LM replicas' `Stats` over the unit (null when the LM does not answer it);
+  prefix_hits: the share of the unit's shared-prefix (document) look-ups its LM replicas' prefix caches answered.
 - identical: every answered request's tokens equal its alone run's; `mismatches` counts those that differ,
   `near_ties` those of them whose first difference is a certified near-tie (both replies' top-2 gaps < 1e-4 there).
 - errors: status codes of failed calls, summed over repetitions; RESOURCE_EXHAUSTED is expected when overloaded.
@@ -71,7 +72,7 @@ SPECULATION = pb.Speculation(stride=PSA.stride, prefetch=PSA.prefetch, prefetch_
                              asynchronous=PSA.asynchronous)
 EXPECTED = {"RESOURCE_EXHAUSTED"}  # refused under overload: counted, not a failure
 TIMEOUT_S = 900.0  # per call: a stuck request fails its row instead of hanging the run
-METRICS = ("tokens_per_s", "requests_per_s", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "mean_batch")
+METRICS = ("tokens_per_s", "requests_per_s", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "mean_batch", "prefix_hits")
 
 Cell = tuple[str, str]  # (workload, mode)
 Key = tuple[str, str, int]  # one distinct request: (workload, mode, prompt index)
@@ -205,17 +206,18 @@ async def open_loop(stub: gateway_pb2_grpc.GatewayServiceStub, keys: list[Key], 
     return replies, t0, max(r.done for r in replies)
 
 
-async def lm_counters(addresses: list[str]) -> tuple[int, int] | None:
-    """(forwards, rows) summed over the LM replicas' Stats; None when one does not answer it."""
-    forwards = rows = 0
+async def lm_counters(addresses: list[str]) -> tuple[int, int, int, int] | None:
+    """(forwards, rows, prefix hits, prefix misses) summed over the LM replicas' Stats; None when one does not
+    answer it."""
+    total = (0, 0, 0, 0)
     for address in addresses:
         async with grpc.aio.insecure_channel(address) as channel:
             try:
                 s = await lm_pb2_grpc.LmServiceStub(channel).Stats(lm_pb2.StatsRequest(), timeout=5)
             except grpc.aio.AioRpcError:
                 return None
-        forwards, rows = forwards + s.forwards, rows + s.rows
-    return forwards, rows
+        total = tuple(a + b for a, b in zip(total, (s.forwards, s.rows, s.prefix_hits, s.prefix_misses)))  # type: ignore[assignment]
+    return total
 
 
 def tokens_until(r: Reply, t_end: float) -> float:
@@ -236,7 +238,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def measure(replies: list[Reply], t0: float, t_end: float, alone: dict[Key, pb.GenerateReply],
-            before: tuple[int, int] | None, after: tuple[int, int] | None) -> dict:
+            before: tuple[int, int, int, int] | None, after: tuple[int, int, int, int] | None) -> dict:
     ok = [r for r in replies if r.code == "OK"]
     verdicts = [compare(alone[r.key].token_ids, alone[r.key].gaps, r.tokens, r.gaps) for r in ok]
     tokens_per_s = sum(tokens_until(r, t_end) for r in replies) / (t_end - t0)
@@ -244,9 +246,12 @@ def measure(replies: list[Reply], t0: float, t_end: float, alone: dict[Key, pb.G
     latency = [r.done - r.sent for r in ok]
     ttft = [r.first - r.sent for r in ok if r.first is not None]
     batch = (after[1] - before[1]) / (after[0] - before[0]) if before and after and after[0] > before[0] else None
+    looked = after[2] + after[3] - before[2] - before[3] if before and after else 0
+    prefix_hits = (after[2] - before[2]) / looked if before and after and looked else None
     return {"tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / mean_tokens if mean_tokens else 0.0,
             "p50_s": percentile(latency, 50), "p95_s": percentile(latency, 95), "p99_s": percentile(latency, 99),
-            "ttft_p50_s": percentile(ttft, 50), "mean_batch": batch, "requests": len(replies),
+            "ttft_p50_s": percentile(ttft, 50), "mean_batch": batch, "prefix_hits": prefix_hits,
+            "requests": len(replies),
             "errors": Counter(r.code for r in replies if r.code != "OK"),
             "mismatches": sum(not v.identical for v in verdicts), "near_ties": sum(v.near_tie for v in verdicts)}
 
@@ -269,7 +274,7 @@ def row(cell: Cell, batching: bool, concurrency: int, rate: tuple[float, float] 
             if out[m] is not None else "-" for m in METRICS}
     out |= {"clients": f"{rate[0]}x = {rate[1]:.2f}/s" if rate else concurrency, "tok/s": text["tokens_per_s"],
             "req/s": text["requests_per_s"], "p50": text["p50_s"], "p95": text["p95_s"], "p99": text["p99_s"],
-            "ttft p50": text["ttft_p50_s"], "batch": text["mean_batch"],
+            "ttft p50": text["ttft_p50_s"], "batch": text["mean_batch"], "prefix hits": text["prefix_hits"],
             "errs": " ".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"}
     return out
 
@@ -446,14 +451,16 @@ def report(name: str, payload: dict, plan: Plan) -> None:
              f"{plan.per_client} requests each; open loop: Poisson arrivals at a multiple of the cell's best "
              "closed-loop rate. Batching off = `RALMSPEC_MAX_BATCH_SEQS=1`. tok/s: generated tokens streamed while "
              "every client was busy (open loop: until the last reply); batch: LM rows per forward (`-`: the LM did "
-             "not answer Stats); identical: every request's tokens equal its run alone; near_ties: differing "
+             "not answer Stats); prefix hits: share of document prefixes the LM's prefix cache answered (the "
+             f"{plan.prompts} requests of a cell repeat, so their documents are hot); identical: every request's "
+             "tokens equal its run alone; near_ties: differing "
              "requests whose first difference is a certified near-tie (both top-2 gaps < 1e-4). Definitions: "
              "`bench/load.py`.\n\n"
              f"Throughput, batching on / off at 8 clients (qa-exact, baseline-kv): {got['speedup_at_8']}; at 16: "
              f"{got['speedup_at_16']}; KNN-LM at 8: {got['knn_speedup_at_8']}. p99 latency at 8 clients / 1 client "
              f"(batching on): {got['p99_at_8_over_alone']}.")
     columns = ["workload", "mode", "batching", "loop", "clients", "tok/s", "req/s", "p50", "p95", "p99", "ttft p50",
-               "batch", "errs", "identical", "near_ties"]
+               "batch", "prefix hits", "errs", "identical", "near_ties"]
     results_io.write(name, payload, columns,
                      f"Load: throughput and latency under concurrent clients ({payload['profile']})", notes)
     results_io.chart(name, list(dict.fromkeys(r["workload"] for r in rows)), lambda ax, w: draw(ax, w, rows))
