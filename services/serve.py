@@ -123,8 +123,10 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
     assert isinstance(backends.lm, RemoteLm)
     workers = max(4, s.concurrency)
     knn = KnnLmEngine(tok, remote_knn_backends(bridge, backends.lm), ralm.stop_sets, verify_workers=workers)
-    controller = Controller(ralm, verify_workers=workers, knn=knn)
     pool = RequestPool(s.concurrency, engine.max_queue)
+    pause_at = engine.spec_pause_at
+    controller = Controller(ralm, verify_workers=workers, knn=knn,
+                            busy=lambda: pause_at > 0 and pool.running >= pause_at)
 
     async def close() -> None:
         await asyncio.to_thread(pool.close)  # requests still running stop at their next step (their calls ended)

@@ -66,6 +66,9 @@ COALESCE_MS = EnvVar("RALMSPEC_COALESCE_MS", "2",
 VERIFY_WINDOW_MS = EnvVar("RALMSPEC_VERIFY_WINDOW_MS", "0",
                           "the verifier merges rounds of different requests arriving within this window into one "
                           "retriever call; 0 = off (measured: a 2 ms window loses on 2 CPU cores)")
+SPEC_PAUSE_AT = EnvVar("RALMSPEC_SPEC_PAUSE_AT", "2",
+                       "gateway: speculation pauses (plain steps, the baseline's) while this many requests or more "
+                       "run; 0 = never (vLLM's speculative_disable_by_batch_size)")
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY,

@@ -6,6 +6,7 @@ The same object serves the in-process runtime (engine backends) and the gateway 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common.errors import Unavailable
@@ -25,9 +26,13 @@ class Request:
 
 
 class Controller:
-    def __init__(self, engine: RalmEngine, verify_workers: int = 4, knn: KnnLmEngine | None = None) -> None:
+    def __init__(self, engine: RalmEngine, verify_workers: int = 4, knn: KnnLmEngine | None = None,
+                 busy: Callable[[], bool] = lambda: False) -> None:
+        """`busy`: the gateway is loaded; speculative requests take plain steps until it is not."""
         self.engine, self.knn = engine, knn
-        self.spec = SpeculativeRalm(engine, verify_workers)
+        self.spec = SpeculativeRalm(engine, verify_workers, busy)
+        if knn is not None:
+            knn.busy = busy
 
     def run(self, req: Request, emit: Emit | None = None, call: Call | None = None) -> RalmResult:
         """One request; `emit` receives verified tokens as they are decided, `call` carries the client's deadline

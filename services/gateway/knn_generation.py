@@ -126,8 +126,8 @@ class KnnLmEngine:
     """KNN-LM requests over one set of backends (in process or remote: the same tokens either way)."""
 
     def __init__(self, tokenizer: object, backends: KnnBackends, stops: StopSets | None = None,
-                 verify_workers: int = 1) -> None:
-        self.tok, self.backends = tokenizer, backends
+                 verify_workers: int = 1, busy: Callable[[], bool] = lambda: False) -> None:
+        self.tok, self.backends, self.busy = tokenizer, backends, busy  # busy: speculation pauses
         self.stop_sets = stops or StopSets.of(tokenizer)
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
@@ -200,7 +200,7 @@ class KnnLmEngine:
             cache = self.backends.caches()
             opened.callback(cache.close)
             steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.cached_successors(spec), res)
-            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals
         res.stats.update(out.stats)

@@ -87,8 +87,9 @@ class _Strides:
 
 
 class SpeculativeRalm:
-    def __init__(self, engine: RalmEngine, verify_workers: int = 1) -> None:
-        self.engine = engine
+    def __init__(self, engine: RalmEngine, verify_workers: int = 1,
+                 busy: Callable[[], bool] = lambda: False) -> None:
+        self.engine, self.busy = engine, busy  # busy: speculation pauses (see SpeculationLoop)
         # Asynchronous verification and plain steps' bookkeeping run here; one worker each per request in flight.
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
@@ -114,7 +115,7 @@ class SpeculativeRalm:
             opened.callback(cache.close)
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res,
                              on_time)
-            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals

@@ -156,11 +156,14 @@ class SpeculationLoop(Generic[K, G, T]):
 
     def __init__(self, g: Granularity[K, G, T], spec: SpecConfig, pool: ThreadPoolExecutor,
                  clock: Callable[[], None] = lambda: None, emit: Emit | None = None,
-                 books: ThreadPoolExecutor | None = None) -> None:
+                 books: ThreadPoolExecutor | None = None, busy: Callable[[], bool] = lambda: False) -> None:
         """`pool`: asynchronous verification; `books`: plain steps' bookkeeping (None: inline, on the critical
-        path)."""
+        path); `busy`: the server is loaded, so speculation pauses (plain steps without bookkeeping, the
+        baseline's steps) until it is not: vLLM's `speculative_disable_by_batch_size`, checked every round."""
         spec.validate()
         self.g, self.spec, self.pool, self.clock, self.emit, self.books = g, spec, pool, clock, emit, books
+        self.busy = busy
+        self.paused = 0  # plain steps taken because the server was busy
         self._book: Future[bool | None] | None = None  # the last plain step's bookkeeping: would its guess agree?
         self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap or g.gamma_cap,
                                  max_stride=spec.max_stride, initial_stride=spec.stride,
@@ -218,7 +221,11 @@ class SpeculationLoop(Generic[K, G, T]):
         return steps
 
     def next_stride(self) -> int:
-        """Steps in the next round; 0 = a plain retrieval step (OS³ found speculation not worth it)."""
+        """Steps in the next round; 0 = a plain retrieval step (OS³ found speculation not worth it, or the server
+        is busy)."""
+        if self.busy():
+            self.paused += 1
+            return 0
         return self.os3.next_stride() if self.spec.os3 else self.spec.stride
 
     def verify(self, keys: list[K], guesses: list[G | None]) -> _Verdict[T]:
@@ -244,7 +251,8 @@ class SpeculationLoop(Generic[K, G, T]):
         self.calls += 1
         self.os3.observe_verification(seconds, 1)
         t = time.perf_counter()
-        watch = not self.spec.os3 or self.os3.worth_watching()  # else no γ could make speculation pay
+        # else no γ could make speculation pay, or the server is busy: the plain step is then the baseline's
+        watch = (not self.spec.os3 or self.os3.worth_watching()) and not self.busy()
         if watch and self.books is None:
             self._absorb(self._bookkeeping(key, truth))
             t = self.lap("settle", t)
@@ -365,5 +373,6 @@ class SpeculationLoop(Generic[K, G, T]):
                               speculated=self.speculated, matched=self.matched, rounds=self.rounds,
                               rollbacks=self.rollbacks, mean_stride=sum(self.strides) / max(1, len(self.strides)),
                               spec_s=self.spec_s, cache_size=self.g.cache_size(), retrieval_calls=self.calls,
-                              plain_steps=self.plain_steps, timeline_s=dict(self.timeline))
+                              plain_steps=self.plain_steps, paused_steps=self.paused,
+                              timeline_s=dict(self.timeline))
         return self.res

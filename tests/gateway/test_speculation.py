@@ -93,3 +93,22 @@ def test_fixed_stride_speculates_from_the_second_step(pools, books):
     res = SpeculationLoop(toy, SpecConfig(stride=3), pools[0], books=pools[1] if books else None).run()
     assert res.tokens == BASELINE
     assert res.stats["plain_steps"] == 1 and res.stats["speculated"] >= 23
+
+
+def test_a_busy_server_pauses_speculation_until_it_is_not(pools):
+    # busy for the first 10 rounds: plain steps without shadow lookups (the baseline's), then a fixed stride resumes
+    toy = Toy(24, lm_s=0.0, search_s=0.0)
+    asked = []
+
+    def busy() -> bool:
+        asked.append(1)
+        return len(asked) <= 20  # next_stride and plain_step both ask: ~10 paused steps
+
+    looked: list[int] = []
+    guess = toy.guess
+    toy.guess = lambda key: looked.append(key) or guess(key)  # type: ignore[method-assign]
+    res = SpeculationLoop(toy, SpecConfig(stride=3), pools[0], books=pools[1], busy=busy).run()
+    assert res.tokens == BASELINE
+    paused = res.stats["paused_steps"]
+    assert paused >= 8 and res.stats["plain_steps"] >= paused and res.stats["speculated"] > 0
+    assert min(looked) >= res.stats["plain_steps"] - 1  # no shadow guess while paused: guesses only after
