@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+import psutil
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc, lm_pb2, lm_pb2_grpc
@@ -285,6 +286,7 @@ class Bench:
         self.plan, self.clusters, self.reqs, self.keys = plan, clusters, reqs, keys
         self.alone: dict[Key, pb.GenerateReply] = {}
         self.alone_s: dict[Key, float] = {}
+        self.max_rss_mb: dict[str, dict[str, float]] = {}  # cluster (batching on/off) -> service -> peak MB
         self.started = time.perf_counter()  # the budget counts from here: the clusters are up
 
     async def run(self) -> list[dict]:
@@ -335,11 +337,25 @@ class Bench:
             row(cell, b, 0, (x, x * rates[cell, b]), open_runs[cell, b, x]) for cell, b, x in opens]
 
     async def unit(self, batching: bool, load: Awaitable[tuple[list[Reply], float, float]]) -> dict:
-        """`load` (not started yet) run between two reads of the LM counters."""
+        """`load` (not started yet) run between two reads of the LM counters, the cluster's RSS sampled."""
         lms = self.clusters[batching].addresses("lm")
         before = await lm_counters(lms)
-        replies, t0, t_end = await load
+        sampler = asyncio.create_task(self.sample_rss(batching))
+        try:
+            replies, t0, t_end = await load
+        finally:
+            sampler.cancel()
         return measure(replies, t0, t_end, self.alone, before, await lm_counters(lms))
+
+    async def sample_rss(self, batching: bool, every_s: float = 0.5) -> None:
+        """Keep the largest resident set of each service's processes (MB, per replica) while a unit runs."""
+        peak = self.max_rss_mb.setdefault("on" if batching else "off", {})
+        while True:
+            for child in self.clusters[batching].children:
+                with contextlib.suppress(psutil.Error):
+                    mb = psutil.Process(child.proc.pid).memory_info().rss / 2**20
+                    peak[child.service] = max(peak.get(child.service, 0.0), round(mb, 1))
+            await asyncio.sleep(every_s)
 
     @staticmethod
     def log(label: str, m: dict) -> None:
@@ -415,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rows = asyncio.run(bench.run())
     payload = {"profile": profile, "rows": rows, **summary(rows, plan), "alone_s": {
         f"{w} {m}": spread([s for k, s in bench.alone_s.items() if k[:2] == (w, m)]) for w, m in base},
-        "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()}}
+        "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()}, "max_rss_mb": bench.max_rss_mb}
     report(args.name or ("load_quick" if args.quick else "load_spec" if args.spec else "load"), payload, plan)
     return payload
 
