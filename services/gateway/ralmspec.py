@@ -1,17 +1,25 @@
 """RaLMSpec for iterative RaLM: speculative retrieval of documents, one per retrieval stride.
 
 The granularity of the shared speculation loop (`speculation.py`: rounds, batched verification, rollback,
-OS³, asynchronous verification) where a step is one retrieval stride: key = the query embedding (or BM25
-text) of the context at the step's start, guess = the speculation cache's top-1 passage, truth = the real
-retriever's top-k (top-k > 1 with prefetch: the cache is filled with all of them). A guess agrees when it is
-the true top-1, so a kept step decoded with the baseline's document: the emitted tokens equal the baseline
-iterative RaLM's (`ralm.py`, kv-reuse).
+OS³, asynchronous verification) where a step is one retrieval stride: key = the query of the context at the
+step's start (`_Query`: its text at once, its retriever key, the encoder's vector or BM25's text, computed on
+the encoder thread), guess = the speculation cache's top-1 passage, truth = the real retriever's top-k (top-k > 1
+with prefetch: the cache is filled with all of them). A guess agrees when it is the true top-1, so a kept step
+decoded with the baseline's document: the emitted tokens equal the baseline iterative RaLM's (`ralm.py`,
+kv-reuse).
+
+The encoder is off a speculation step's critical path: the guess looks the cache up with the newest key
+already encoded (the step's own when ready, else usually the previous step's: queries of consecutive strides
+share most of their tokens),
+while this step's key is encoded beside the LM and verified with the true key, so outputs do not change; only
+γ may. A plain step (the baseline's) still waits for its key: its search needs it.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +36,17 @@ __all__ = ["PRESETS", "SpecConfig", "SpeculativeRalm"]
 
 
 @dataclass
+class _Query:
+    """A stride's query: its text, and its retriever key once the encoder thread has it."""
+
+    text: str
+    encoded: Future[Any]
+
+    def key(self) -> Any:
+        return self.encoded.result()
+
+
+@dataclass
 class _Strides:
     """Granularity: one retrieval stride of iterative RaLM (keys: query keys; guesses: passage ids)."""
 
@@ -40,24 +59,35 @@ class _Strides:
     prefetch: PrefetchPolicy
     res: RalmResult
     clock: Callable[[], None]  # the request's deadline and cancellation, between the LM steps of a drafted stride
+    encoder: Executor  # encodes queries beside the LM (never waits on anything itself: no deadlock)
     # RaLMSpec's code caps γ at 0.6: a wrong document costs a re-prefill, more than the mean step OS³ prices it at
     gamma_cap: float = 0.6
 
     def __post_init__(self) -> None:
         self.stops = self.eng.stops(self.cfg)
         self.floor = self.eng.query_floor(self.prompt_ids)
+        self.known: Any = None  # the newest retriever key already encoded (what guesses look the cache up with)
 
     def done(self, tokens: list[int]) -> bool:
         return len(tokens) >= self.cfg.max_new_tokens or (bool(tokens) and tokens[-1] in self.stops)
 
-    def key(self, tokens: list[int]) -> Any:
-        return self.ret.embed([self.eng.query(self.prompt_ids + tokens, self.cfg, self.floor)])[0]
+    def key(self, tokens: list[int]) -> _Query:
+        text = self.eng.query(self.prompt_ids + tokens, self.cfg, self.floor)
+        return _Query(text, self.encoder.submit(lambda: self.ret.embed([text])[0]))
 
-    def guess(self, key: Any) -> int | None:
-        hit = self.cache.lookup(key)
+    def _resolved(self, q: _Query) -> Any:
+        key = q.key()
+        self.known = key
+        return key
+
+    def guess(self, key: _Query) -> int | None:
+        """The cache's top-1 for this step's key if it is encoded already, else for the newest key that is (only
+        the first guess waits for an encoding)."""
+        vec = self._resolved(key) if key.encoded.done() or self.known is None else self.known
+        hit = self.cache.lookup(vec)
         return hit[0].pid if hit else None
 
-    def decode(self, key: Any, guess: int | None, tokens: list[int]) -> tuple[list[int], list[float]]:
+    def decode(self, key: _Query, guess: int | None, tokens: list[int]) -> tuple[list[int], list[float]]:
         t = time.perf_counter()
         e = self.eng.decode_stride(self.sid, NO_DOC if guess is None else guess, self.prompt_ids, tokens, self.cfg,
                                    clock=self.clock)
@@ -66,14 +96,15 @@ class _Strides:
         self.res.lm_fed_tokens += e.fed
         return e.tokens, e.gaps
 
-    def verify(self, keys: list[Any], guesses: list[int | None]) -> list[list[Hit]]:
-        return self.eng.backends.verifier.verify(self.ret.name, keys, [NO_DOC if g is None else g for g in guesses],
-                                                 self.prefetch.depth)
+    def verify(self, keys: list[_Query], guesses: list[int | None]) -> list[list[Hit]]:
+        true_keys = [self._resolved(q) for q in keys]  # on the verification thread (asynchronous) or inline
+        return self.eng.backends.verifier.verify(self.ret.name, true_keys,
+                                                 [NO_DOC if g is None else g for g in guesses], self.prefetch.depth)
 
-    def retrieve(self, key: Any) -> list[Hit]:
-        return self.ret.search_embedded([key], self.prefetch.depth)[0]
+    def retrieve(self, key: _Query) -> list[Hit]:
+        return self.ret.search_embedded([self._resolved(key)], self.prefetch.depth)[0]
 
-    def agrees(self, key: Any, guess: int | None, truth: list[Hit], emitted: list[int] | None) -> bool:
+    def agrees(self, key: _Query, guess: int | None, truth: list[Hit], emitted: list[int] | None) -> bool:
         return guess == self.correct(truth)
 
     def correct(self, truth: list[Hit]) -> int:
@@ -90,9 +121,11 @@ class SpeculativeRalm:
     def __init__(self, engine: RalmEngine, verify_workers: int = 1,
                  busy: Callable[[], bool] = lambda: False) -> None:
         self.engine, self.busy = engine, busy  # busy: speculation pauses (see SpeculationLoop)
-        # Asynchronous verification and plain steps' bookkeeping run here; one worker each per request in flight.
+        # Asynchronous verification, plain steps' bookkeeping and query encoding run here; one worker each per
+        # request in flight.
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
+        self._encoder = verification_pool(verify_workers, "encode")
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
                  emit: Emit | None = None, call: Call | None = None) -> RalmResult:
@@ -114,7 +147,7 @@ class SpeculativeRalm:
             cache = eng.backends.caches.open(retriever)
             opened.callback(cache.close)
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res,
-                             on_time)
+                             on_time, self._encoder)
             out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]
