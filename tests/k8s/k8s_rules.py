@@ -195,7 +195,23 @@ def keda(objs: list[Obj]) -> list[str]:
     return bad
 
 
+def one_user(objs: list[Obj]) -> list[str]:
+    """Every ralmspec pod (the services and the assets Job) runs as one non-root user: the Job writes some assets
+    owner-only (the converted model is 0600), and the services read them from the shared volume."""
+    users: dict[str, tuple[object, object]] = {}
+    for c in containers(objs):
+        pod = pod_spec(c.owner).get("securityContext", {})
+        own = c.spec.get("securityContext", {})
+        users[f"{c.kind}/{c.name}"] = (own.get("runAsUser", pod.get("runAsUser")),
+                                       own.get("runAsNonRoot", pod.get("runAsNonRoot")))
+    bad = [f"{w}: runs as root or an unset user" for w, (uid, non_root) in users.items()
+           if uid in (None, 0) or non_root is not True]
+    if len({uid for uid, _ in users.values()}) > 1:
+        bad.append(f"ralmspec pods run as different users: {users}")
+    return bad
+
+
 RULES: dict[str, Callable[[list[Obj]], list[str]]] = {
     "env_declared": env_declared, "commands": commands, "ports": ports, "probes": probes,
-    "pod_network": pod_network, "drain": drain, "redis_url": redis_url, "keda": keda,
+    "pod_network": pod_network, "drain": drain, "redis_url": redis_url, "keda": keda, "one_user": one_user,
 }

@@ -86,6 +86,14 @@ def keda_missing(objs):
     objs.remove(named(objs, "ScaledObject", "datastore"))
 
 
+def job_user_differs(objs):
+    pod_spec(named(objs, "Job", "ralmspec-assets"))["securityContext"]["runAsUser"] = 10002
+
+
+def root_container(objs):
+    container(objs, "gateway")["securityContext"]["runAsUser"] = 0
+
+
 BREAKS = {
     "env_declared": [undeclared_env],
     "commands": [unknown_subcommand, bad_option, wrong_service],
@@ -95,6 +103,7 @@ BREAKS = {
     "drain": [short_grace],
     "redis_url": [redis_host_off, redis_password_off],
     "keda": [keda_wrong_stream, keda_wrong_group, keda_missing],
+    "one_user": [job_user_differs, root_container],
 }
 
 
