@@ -22,40 +22,17 @@ from pathlib import Path
 from bench.results_io import write
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "k8s"))
-from k8s_manifests import K8S_VERSION, OVERLAYS, kubectl_version, named, render, validate_all  # noqa: E402
+from k8s_manifests import K8S_VERSION, OVERLAYS, kubectl_version, render, validate_all  # noqa: E402
 
 IMAGE = "ralmspec:0.1.0-cpu"
 
 
 def manifests_as_processes() -> dict:
-    """The test's run: rendered cpu Deployments as processes (retriever scaled to 2), then `ralmspec up`."""
-    import redis
-    from k8s_rules import CONSUMERS, redis_password
-    from test_k8s_processes import QUESTIONS, SCALED, Pods, generate
+    """The test's run (test_k8s_processes.run_cpu_overlay) plus the questions it asked."""
+    from test_k8s_processes import QUESTIONS, run_cpu_overlay
 
-    from services.common.transport import counter_key
-    from services.up import Cluster
-
-    objs = render("cpu")
-    name, replicas = SCALED
-    named(objs, "Deployment", name)["spec"]["replicas"] = replicas
     with tempfile.TemporaryDirectory() as tmp:
-        pods = Pods(objs, Path(tmp))
-        try:
-            pods.start()
-            pods.wait_probes()
-            got = generate(pods.service_address("gateway"))
-            stream, group = CONSUMERS[name]
-            r = redis.Redis(port=pods.redis_port, password=redis_password(objs), decode_responses=True)
-            consumers = sorted(c["name"] for c in r.xinfo_consumers(stream, group))
-            served = {k: int(v) for k, v in r.hgetall(counter_key("served", group)).items()}
-        finally:
-            drained = pods.stop()
-    with Cluster("tiny") as cluster:
-        want = generate(cluster.gateway)
-    return {"questions": QUESTIONS, "tokens": got, "up_tokens": want, "identical": got == want,
-            "scaled": {"deployment": name, "replicas": replicas, "consumers": consumers, "served": served},
-            "drain_s": {k: round(v, 2) for k, v in drained.items()}}
+        return {"questions": QUESTIONS, **run_cpu_overlay(Path(tmp))}
 
 
 def image_built() -> dict:

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -166,34 +167,44 @@ def generate(address: str) -> list[list[int]]:
         return [list(stub.Generate(pb.GenerateRequest(question=q), timeout=300).token_ids) for q in QUESTIONS]
 
 
-def test_manifests_run_as_processes_and_answer_like_ralmspec_up(tmp_path):
+def run_cpu_overlay(workdir: Path) -> dict[str, Any]:
+    """The rendered cpu overlay with SCALED's replicas, as processes: the tokens it answers, the scaled service's
+    consumers and what each served, how long each process took to drain; then `ralmspec up`'s tokens."""
     objs = render("cpu")
     name, replicas = SCALED
     named(objs, "Deployment", name)["spec"]["replicas"] = replicas  # scaled in the rendered YAML
-    pods = Pods(objs, tmp_path)
+    pods = Pods(objs, workdir)
     try:
         pods.start()
         pods.wait_probes()
         got = generate(pods.service_address("gateway"))
-        # The scaled Deployment's replicas joined its consumer group and each served searches (a few more
-        # requests if the first ones all went to one replica: Redis hands a new entry to the longest-blocked reader).
+        # A few more requests if the first ones all went to one replica (Redis hands a new entry to the
+        # longest-blocked reader, so replicas take turns).
         stream, group = CONSUMERS[name]
         r = redis.Redis(port=pods.redis_port, password=redis_password(objs), decode_responses=True)
-        consumers = {c["name"] for c in r.xinfo_consumers(stream, group)}
-        assert consumers == {f"{name}-{i}" for i in range(replicas)}
         for _ in range(3):
             if len(r.hgetall(counter_key("served", group))) == replicas:
                 break
             generate(pods.service_address("gateway"))
-        served = r.hgetall(counter_key("served", group))
-        assert sorted(served) == sorted(consumers) and all(int(n) > 0 for n in served.values()), served
-        print(f"{name} replicas served {served}")
+        consumers = sorted(c["name"] for c in r.xinfo_consumers(stream, group))
+        served = {k: int(v) for k, v in r.hgetall(counter_key("served", group)).items()}
     finally:
         took = pods.stop()
-    print(f"drained in (s): { {k: round(v, 1) for k, v in took.items()} }")
-    assert len(took) == len(pods.procs), "a process outlived its terminationGracePeriodSeconds"
-
     with Cluster("tiny") as cluster:
         want = generate(cluster.gateway)
-    assert got == want
-    print(f"tokens identical to `ralmspec up` for {len(QUESTIONS)} questions: {got}")
+    return {"tokens": got, "up_tokens": want, "identical": got == want, "processes": len(pods.procs),
+            "scaled": {"deployment": name, "replicas": replicas, "consumers": consumers, "served": served},
+            "drain_s": {k: round(v, 2) for k, v in took.items()}}
+
+
+def test_manifests_run_as_processes_and_answer_like_ralmspec_up(tmp_path):
+    run = run_cpu_overlay(tmp_path)
+    name, replicas = SCALED
+    # The scaled Deployment's replicas joined its consumer group and each served searches.
+    assert run["scaled"]["consumers"] == [f"{name}-{i}" for i in range(replicas)]
+    served = run["scaled"]["served"]
+    assert sorted(served) == run["scaled"]["consumers"] and all(n > 0 for n in served.values()), served
+    assert len(run["drain_s"]) == run["processes"], "a process outlived its terminationGracePeriodSeconds"
+    assert run["tokens"] == run["up_tokens"]
+    print(f"{name} replicas served {served}; drained in (s) {run['drain_s']}; tokens identical to `ralmspec up` "
+          f"for {len(QUESTIONS)} questions: {run['tokens']}")
