@@ -68,8 +68,10 @@ assets-tiny: install
 	$(BIN)/ralmspec assets --profile tiny
 
 # Tests run on the real model and the real tiny-profile indexes (built here when missing).
+# Two workers, one test file each at a time: the LM runs one thread, so one worker alone leaves a core idle.
+TEST_WORKERS ?= 2
 test: assets-tiny lint
-	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q tests
+	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: install
 	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q -m "not slow" tests

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 
 import pytest
@@ -69,6 +71,18 @@ def same_tokens():
         return v.identical
 
     return check
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker hands its near-ties to the controller, which reports them all."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["near_ties"] = json.dumps(NEAR_TIES)
+
+
+if importlib.util.find_spec("xdist") is not None:
+    def pytest_testnodedown(node, error):
+        NEAR_TIES.extend(json.loads(getattr(node, "workeroutput", {}).get("near_ties", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):
