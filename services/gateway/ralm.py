@@ -123,12 +123,14 @@ class RalmEngine:
     def decode_stride(self, sid: str, pid: int, prompt_ids: Sequence[int], generated: Sequence[int],
                       cfg: RalmConfig, reuse: bool = True, clock: Callable[[], None] = lambda: None) -> Emitted:
         """One retrieval stride: up to `stride` greedy tokens with document `pid` in front of the context (`clock`:
-        checked between the LM steps of a drafted stride)."""
+        checked before each LM step, so a request whose answer ends within its first stride still meets its
+        deadline after the retrieval)."""
         n = min(cfg.stride, cfg.max_new_tokens - len(generated))
         doc = self.doc_ids(pid, cfg.doc_tokens)
         seq = self.bos + list(doc) + list(prompt_ids) + list(generated)
         prefix = len(self.bos) + len(doc) if doc else 0  # BOS + document: shared through the LM's prefix cache
         if cfg.draft == "none":
+            clock()
             return self.backends.lm.step(sid, seq, n, cfg.stop_at_newline, reprefill=not reuse, prefix=prefix)
         # REST drafting, capped at this stride: the next stride may put another document in front.
         return drafted_decode(self.backends, sid, seq, n, cfg.stop_at_newline, cfg.draft, cfg.draft_budget,

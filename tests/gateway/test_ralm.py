@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
+from typing import Any
+
 import pytest
 
-from services.common.errors import InvalidRequest
+from services.common.errors import DeadlineExceeded, InvalidRequest
 from services.gateway.prompts import qa_prompt
-from services.gateway.ralm import RalmConfig
+from services.gateway.ralm import RalmConfig, RalmEngine
 
 LONG = dict(max_new_tokens=24, stop_at_newline=False)  # several strides, so documents change mid-answer
 
@@ -57,6 +61,45 @@ def test_deterministic_within_a_process(engine, questions):
     a = engine.generate(q, RalmConfig(**LONG), "exact")
     b = engine.generate(q, RalmConfig(**LONG), "exact")
     assert a.tokens == b.tokens and a.doc_ids == b.doc_ids and a.gaps == b.gaps
+
+
+class _SlowSearch:
+    """A retriever whose searches take `pause_s` (else the real one)."""
+
+    def __init__(self, retriever: Any, pause_s: float) -> None:
+        self.retriever, self.pause_s = retriever, pause_s
+
+    def search(self, *args: Any, **kw: Any) -> Any:
+        time.sleep(self.pause_s)
+        return self.retriever.search(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.retriever, name)
+
+
+class _CountingLm:
+    def __init__(self, lm: Any) -> None:
+        self.lm, self.steps = lm, 0
+
+    def step(self, *args: Any, **kw: Any) -> Any:
+        self.steps += 1
+        return self.lm.step(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.lm, name)
+
+
+def test_an_answer_within_its_first_stride_still_meets_deadline_s(engine, questions):
+    """The deadline is checked after the retrieval, before the stride's LM step (it was checked only between
+    strides, so a one-stride answer finished however long its retrieval took)."""
+    lm = _CountingLm(engine.backends.lm)
+    slow = {name: _SlowSearch(r, 0.3) for name, r in engine.backends.retrievers.items()}
+    ralm = RalmEngine(engine.tok, engine.max_positions, engine.docs,
+                      replace(engine.backends, lm=lm, retrievers=slow), engine.stop_sets)
+    cfg = RalmConfig(max_new_tokens=4, stride=4, deadline_s=0.1)
+    with pytest.raises(DeadlineExceeded, match="0.1 s deadline"):
+        ralm.generate(qa_prompt(questions[0].question), cfg, "exact")
+    assert lm.steps == 0
 
 
 def test_bad_input_gets_a_clear_error(engine):
