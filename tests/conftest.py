@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -80,9 +79,9 @@ def pytest_sessionfinish(session):
         out["near_ties"] = json.dumps(NEAR_TIES)
 
 
-if importlib.util.find_spec("xdist") is not None:
-    def pytest_testnodedown(node, error):
-        NEAR_TIES.extend(json.loads(getattr(node, "workeroutput", {}).get("near_ties", "[]")))
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown (and not called) when xdist is absent or disabled
+def pytest_testnodedown(node, error):
+    NEAR_TIES.extend(json.loads(getattr(node, "workeroutput", {}).get("near_ties", "[]")))
 
 
 def pytest_terminal_summary(terminalreporter):

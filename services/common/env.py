@@ -43,6 +43,9 @@ CLAIM_IDLE_MS = EnvVar("RALMSPEC_CLAIM_IDLE_MS", "30000", "reclaim a dead consum
 MAXLEN = EnvVar("RALMSPEC_MAXLEN", "10000", "approximate length streams are trimmed to")
 CALL_TIMEOUT_S = EnvVar("RALMSPEC_CALL_TIMEOUT_S", "120", "deadline of a call to another service")
 DRAIN_S = EnvVar("RALMSPEC_DRAIN_S", "30", "on SIGTERM, how long in-flight work may take to finish")
+MAX_DELIVERIES = EnvVar("RALMSPEC_MAX_DELIVERIES", "3",
+                        "a stream entry whose replica crashed (or could not reply) on this many deliveries is poison: "
+                        "moved to the dead-letter stream <stream>:dead, its caller answered INTERNAL")
 LM_SESSION_IDLE_S = EnvVar("RALMSPEC_LM_SESSION_IDLE_S", "600",
                            "an LM session (its KV cache) unused this long expires: its gateway died without closing it")
 LOG = EnvVar("RALMSPEC_LOG", "", "log level: DEBUG | INFO | WARNING | ERROR; empty = WARNING (CLI), INFO (services)")
@@ -72,9 +75,9 @@ SPEC_PAUSE_AT = EnvVar("RALMSPEC_SPEC_PAUSE_AT", "2",
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY,
-       CLAIM_IDLE_MS, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS, MAX_BATCH_TOKENS,
-       PREFILL_CHUNK, KV_BUDGET_TOKENS, PREFIX_CACHE_TOKENS, MAX_QUEUE, COALESCE_MS, VERIFY_WINDOW_MS, PRESET, LOG,
-       REDIS_PASSWORD]
+       CLAIM_IDLE_MS, MAX_DELIVERIES, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS,
+       MAX_BATCH_TOKENS, PREFILL_CHUNK, KV_BUDGET_TOKENS, PREFIX_CACHE_TOKENS, MAX_QUEUE, COALESCE_MS,
+       VERIFY_WINDOW_MS, PRESET, LOG, REDIS_PASSWORD]
 
 
 def data_dir() -> Path:

@@ -36,6 +36,7 @@ class ServeSettings:
     replica: str = field(default_factory=_default_replica)
     concurrency: int = 8
     claim_idle_ms: int = 30_000
+    max_deliveries: int = 3
     maxlen: int = 10_000
     call_timeout_s: float = 120.0
     drain_s: float = 30.0
@@ -44,7 +45,8 @@ class ServeSettings:
     def from_env(cls, **overrides: object) -> ServeSettings:
         s = cls(redis_url=env.REDIS_URL.get() or cls.redis_url, host=env.HOST.get(), port=int(env.PORT.get()),
                 replica=env.REPLICA.get() or _default_replica(), concurrency=int(env.CONCURRENCY.get()),
-                claim_idle_ms=int(env.CLAIM_IDLE_MS.get()), maxlen=int(env.MAXLEN.get()),
+                claim_idle_ms=int(env.CLAIM_IDLE_MS.get()), max_deliveries=int(env.MAX_DELIVERIES.get()),
+                maxlen=int(env.MAXLEN.get()),
                 call_timeout_s=float(env.CALL_TIMEOUT_S.get()), drain_s=float(env.DRAIN_S.get()))
         return replace(s, **{k: v for k, v in overrides.items() if v is not None})  # type: ignore[arg-type]
 
@@ -61,7 +63,7 @@ async def serve(service: ServiceDef, s: ServeSettings, *, pinned: bool = False, 
     if streams:
         names = [service.stream, s.own_stream(service)] if pinned else [service.stream]
         worker = StreamWorker(s.redis_url, service, s.replica, streams=names, concurrency=s.concurrency,
-                              claim_idle_ms=s.claim_idle_ms, maxlen=s.maxlen)
+                              claim_idle_ms=s.claim_idle_ms, maxlen=s.maxlen, max_deliveries=s.max_deliveries)
         tasks.append(asyncio.create_task(worker.run()))
     stopped = asyncio.Event()
 

@@ -20,6 +20,11 @@ replica. A request is XACKed only after its reply is written; entries a dead con
 XAUTOCLAIMed by a live one after `claim_idle_ms` (at-least-once: handlers are idempotent). Deadlines compare
 wall clocks of caller and worker hosts, so those clocks are assumed NTP-synced.
 
+Poison messages: an entry delivered more than `max_deliveries` times (XPENDING's delivery count: its handler
+crashed its replica, or never got its reply written, on every try) is not run again: a claim moves it, with its
+fields plus `dead_from`, `dead_entry` and `deliveries`, to the dead-letter stream "<stream>:dead"
+(`dead_letter_stream`), answers its caller INTERNAL, and acks it.
+
 Redis with failover: a `redis+sentinel://[:password@]host:port[,host:port...]/<primary>[/<db>]` URL connects
 through Redis Sentinel to the current primary. Then every write (a request, a reply with its ack) is retried through
 a failover and followed, on its connection, by WAIT for one replica, so a primary that dies after acknowledging a
@@ -76,15 +81,20 @@ Fields = dict[bytes, bytes]
 Reply = tuple[str, str, bytes]  # (code, message, body)
 
 
-COUNTERS = ("served", "claimed", "replayed")  # cluster-wide metrics, one Redis hash each per consumer group
+COUNTERS = ("served", "claimed", "replayed", "dead")  # cluster-wide metrics, one Redis hash each per consumer group
 
 
 def counter_key(counter: str, group: str) -> str:
     """Redis hash: consumer (or client) name -> its count of `counter` for a consumer group: "served" (entries
     answered and acked), "claimed" (entries taken over from an idle, likely dead, consumer), "replayed" (calls a
-    client sent again because the replica pinning their session or cache was lost)."""
+    client sent again because the replica pinning their session or cache was lost), "dead" (entries moved to the
+    dead-letter stream)."""
     assert counter in COUNTERS, counter
     return f"ralmspec:{counter}:{group}"
+
+
+def dead_letter_stream(stream: str) -> str:
+    return f"{stream}:dead"
 
 
 def sentinel_address(url: str) -> tuple[list[tuple[str, int]], str, str | None, int] | None:
@@ -167,7 +177,7 @@ class StreamWorker:
 
     def __init__(self, redis_url: str, service: ServiceDef, consumer: str, *, streams: Sequence[str] | None = None,
                  group: str | None = None, concurrency: int = 8, claim_idle_ms: int = 30_000,
-                 maxlen: int = 10_000, block_ms: int = 1000) -> None:
+                 maxlen: int = 10_000, block_ms: int = 1000, max_deliveries: int = 3) -> None:
         self.service = service
         self.consumer = consumer  # unique per replica, e.g. "<host>:<pid>"
         self.streams = list(streams) if streams is not None else [service.stream]
@@ -176,10 +186,12 @@ class StreamWorker:
         self.claim_idle_ms = claim_idle_ms  # an unacked entry idle this long belongs to a dead consumer
         self.maxlen = maxlen  # approximate cap of each reply stream
         self.block_ms = block_ms  # longest XREADGROUP wait (under redis-py's 5 s socket timeout): bounds `drain`
+        self.max_deliveries = max_deliveries  # past it a claimed entry is poison: dead-lettered, not run
         self.redis = _connect(redis_url, concurrency + 4)
         self.failover = Failover.of(redis_url)  # Sentinel: replies retried through a failover, WAITed
         self.served = 0  # entries answered (any code) and acked
         self.claimed = 0  # entries taken over from idle consumers
+        self.dead = 0  # entries this replica moved to a dead-letter stream
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_flight: dict[tuple[str, bytes], asyncio.Task[None]] = {}  # (stream, entry id) → its task
@@ -269,6 +281,8 @@ class StreamWorker:
                 claimed = 0
                 for entry_id, fields in entries:
                     if entry_id is not None and (stream, entry_id) not in self._in_flight:
+                        if await self._dead_letter_if_poison(stream, entry_id, fields):
+                            continue
                         claimed += 1
                         log.info("worker %s: claimed %s %s from an idle consumer", self.consumer, stream, entry_id)
                         self._spawn(stream, entry_id, fields)
@@ -277,6 +291,35 @@ class StreamWorker:
                     await self.redis.hincrby(counter_key("claimed", self.group), self.consumer, claimed)
                 if cursor in (b"0-0", "0-0"):
                     break
+
+    async def _dead_letter_if_poison(self, stream: str, entry_id: bytes, fields: Fields) -> bool:
+        """Move the just-claimed entry to the dead-letter stream when it was delivered more than `max_deliveries`
+        times, answering its caller INTERNAL; True when it did."""
+        pending = await self.redis.xpending_range(stream, self.group, min=entry_id, max=entry_id, count=1)
+        deliveries = int(pending[0]["times_delivered"]) if pending else 0
+        if deliveries <= self.max_deliveries:
+            return False
+        dead = dead_letter_stream(stream)
+        op, reply_to = fields.get(b"op", b"?").decode(errors="replace"), fields.get(b"reply_to")
+        message = (f"{self.service.full_name} {op} failed on each of its {deliveries - 1} deliveries (its replica "
+                   f"crashed or could not reply): not retried; kept in the dead-letter stream {dead}")
+
+        def move(pipe: Pipeline) -> None:
+            kept: dict[Any, Any] = {**fields, b"dead_from": stream, b"dead_entry": entry_id,
+                                    b"deliveries": deliveries - 1}
+            pipe.xadd(dead, kept, maxlen=self.maxlen, approximate=True)
+            if reply_to:
+                pipe.xadd(reply_to, {b"id": fields.get(b"id", b""), b"code": INTERNAL, b"message": message,
+                                     b"body": b""}, maxlen=self.maxlen, approximate=True)
+                pipe.expire(reply_to, REPLY_TTL_S)
+            pipe.xack(stream, self.group, entry_id)
+            pipe.hincrby(counter_key("dead", self.group), self.consumer, 1)
+
+        await _write(self.redis, move, self.failover)
+        self.dead += 1
+        log.error("worker %s: %s %s (%s) dead-lettered to %s after %d deliveries", self.consumer, stream,
+                  entry_id.decode(errors="replace"), op, dead, deliveries - 1)
+        return True
 
     def _spawn(self, stream: str, entry_id: bytes, fields: Fields) -> None:
         task = asyncio.create_task(self._handle(stream, entry_id, fields))

@@ -5,9 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,7 +22,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from services.common.ops import Operation, RemoteError, ServiceDef
 from services.common.redis_server import LocalRedis
-from services.common.transport import StreamClient, StreamWorker, counter_key
+from services.common.transport import StreamClient, StreamWorker, counter_key, dead_letter_stream
 
 
 class Fake:
@@ -239,3 +243,48 @@ async def test_overloaded_and_close_fails_pending(url: str) -> None:
     for call in calls:
         with pytest.raises(Unavailable, match="closed"):
             await call
+
+
+CRASHING_WORKER = Path(__file__).with_name("crashing_worker.py")
+
+
+def _never(req: StringValue) -> StringValue:
+    raise AssertionError("the caller's side never runs a handler")
+
+
+@pytest.mark.asyncio
+async def test_an_entry_that_crashes_every_replica_is_dead_lettered_and_its_caller_answered(
+        url: str, r: aioredis.Redis) -> None:
+    """Poison: each worker process that takes the `Crash` entry dies (os._exit) before replying; after
+    `max_deliveries` (2) such deliveries the next replica's claim moves it to "<stream>:dead" instead of running it,
+    its caller gets INTERNAL, and that replica goes on serving."""
+    stream, tries = f"test:{uuid.uuid4().hex}", 2
+    crash_op, echo_op = Operation("Crash", StringValue, StringValue, _never), Operation("Echo", StringValue,
+                                                                                      StringValue, _never)
+    await r.xgroup_create(stream, stream, id="0", mkstream=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        async with StreamClient(url, block_ms=100) as client:
+            crash = asyncio.create_task(client.call(stream, crash_op, StringValue(value="x"), timeout_s=60))
+            for i in range(tries + 1):
+                procs.append(subprocess.Popen([sys.executable, str(CRASHING_WORKER), url, stream, f"replica-{i}",
+                                               "200", str(tries)], env=env))
+                if i < tries:
+                    assert await asyncio.to_thread(procs[-1].wait, 30) == 3  # it took the entry and died
+            with pytest.raises(RemoteError, match=r"Crash failed on each of its 2 deliveries .* dead-letter") as e:
+                await crash
+            assert e.value.code == "INTERNAL"
+            assert (await client.call(stream, echo_op, StringValue(value="after"), timeout_s=30)).value == "after"
+            assert procs[-1].poll() is None  # the replica that dead-lettered it serves on
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+    dead = await r.xrange(dead_letter_stream(stream))
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"op"] == b"Crash" and fields[b"deliveries"] == b"2" and fields[b"dead_from"] == stream.encode()
+    assert (await r.xpending(stream, stream))["pending"] == 0
+    assert await r.hgetall(counter_key("dead", stream)) == {f"replica-{tries}".encode(): b"1"}
