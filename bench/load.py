@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
-import psutil
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc, lm_pb2, lm_pb2_grpc
@@ -353,10 +352,8 @@ class Bench:
         """Keep the largest resident set of each service's processes (MB, per replica) while a unit runs."""
         peak = self.max_rss_mb.setdefault("on" if batching else "off", {})
         while True:
-            for child in self.clusters[batching].children:
-                with contextlib.suppress(psutil.Error):
-                    mb = psutil.Process(child.proc.pid).memory_info().rss / 2**20
-                    peak[child.service] = max(peak.get(child.service, 0.0), round(mb, 1))
+            for service, mb in self.clusters[batching].rss_mb().items():
+                peak[service] = max(peak.get(service, 0.0), mb)
             await asyncio.sleep(every_s)
 
     @staticmethod

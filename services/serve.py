@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.common import env, logs
 from services.common.contracts import LM
+from services.common.grpc_server import GATEWAY_MAX_MESSAGE_BYTES
 from services.common.serving import ServeSettings, serve
 from services.common.transport import StreamClient
 from services.datastore.proposers import LocalDrafts
@@ -134,7 +135,8 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
 
     # Generate is served over gRPC only: a gateway is the public edge, and its controller's own calls to the
     # other services are what travel over Redis.
-    await serve(gateway_service(controller, PRESETS[preset], pool), s, streams=False, on_close=close)
+    await serve(gateway_service(controller, PRESETS[preset], pool), s, streams=False, on_close=close,
+                max_request_bytes=GATEWAY_MAX_MESSAGE_BYTES)
 
 
 def run(service: str, profile: str | None, port: int | None, retrievers: Sequence[str] | None,

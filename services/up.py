@@ -7,6 +7,7 @@ and are stopped with SIGTERM (graceful drain) on Ctrl-C, then killed if they lin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -85,6 +86,18 @@ class Cluster:
         with open(log, "wb") as out:  # its own session: Ctrl-C reaches only `up`, which stops children in order
             proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.children.append(Child(service, replica, port, proc, log))
+
+    def rss_mb(self) -> dict[str, float]:
+        """Each service's largest resident set among its live replicas, MB (psutil, imported here only: the
+        benchmarks' extra)."""
+        import psutil
+
+        out: dict[str, float] = {}
+        for c in self.children:
+            with contextlib.suppress(psutil.Error):
+                mb = round(psutil.Process(c.proc.pid).memory_info().rss / 2**20, 1)
+                out[c.service] = max(out.get(c.service, 0.0), mb)
+        return out
 
     def wait_healthy(self, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s

@@ -28,6 +28,9 @@ from services.common.ops import INTERNAL, Call, Operation, ServiceDef, status_of
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # retrieved passages and token batches can pass gRPC's 4 MiB default
+# The public API's bound on a request (a 20,000-character prompt is at most 80 KB of UTF-8): past it gRPC answers
+# RESOURCE_EXHAUSTED before any parsing.
+GATEWAY_MAX_MESSAGE_BYTES = 1024 * 1024
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -55,9 +55,11 @@ class ServeSettings:
 
 
 async def serve(service: ServiceDef, s: ServeSettings, *, pinned: bool = False, streams: bool = True,
-                on_close: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Serve until SIGTERM. `pinned`: also read this replica's own stream (sessions opened here go there)."""
-    grpc_server = await start_server([service], s.port, s.host)
+                on_close: Callable[[], Awaitable[None]] | None = None, max_request_bytes: int | None = None) -> None:
+    """Serve until SIGTERM. `pinned`: also read this replica's own stream (sessions opened here go there);
+    `max_request_bytes`: the gRPC server's receive limit, when not the internal default."""
+    options = [] if max_request_bytes is None else [("grpc.max_receive_message_length", max_request_bytes)]
+    grpc_server = await start_server([service], s.port, s.host, options=options)
     worker = None
     tasks: list[asyncio.Task[None]] = []
     if streams:

@@ -77,6 +77,7 @@ FAILOVER_MAX_S = 60.0  # a worker gives up writing a reply after this (its entry
 WAIT_REPLICA_MS = 1000  # how long a write waits for one replica to hold it
 DEGRADED_S = 10.0  # after a WAIT no replica answered, writes skip WAIT this long
 
+MAX_ENTRY_BYTES = 64 * 1024 * 1024  # a request body past this is refused (INVALID_ARGUMENT), as gRPC's limit does
 Fields = dict[bytes, bytes]
 Reply = tuple[str, str, bytes]  # (code, message, body)
 
@@ -362,6 +363,8 @@ class StreamWorker:
             deadline_ms = int(fields.get(b"deadline_ms", b"0") or 0)
         except ValueError:
             return INVALID_ARGUMENT, f"{name}: deadline_ms is not an integer", b""
+        if len(fields.get(b"body", b"")) > MAX_ENTRY_BYTES:
+            return INVALID_ARGUMENT, f"{name}: the request body is over the {MAX_ENTRY_BYTES} byte limit", b""
         left_ms = deadline_ms - _now_ms()
         if deadline_ms and left_ms <= 0:
             return DEADLINE_EXCEEDED, f"{name}: deadline passed before a worker took the request", b""
