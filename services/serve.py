@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from services.common import env, logs
+from services.common import env, logs, otel
 from services.common.contracts import LM
 from services.common.grpc_server import GATEWAY_MAX_MESSAGE_BYTES
 from services.common.serving import ServeSettings, serve
@@ -141,9 +141,10 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
 
 def run(service: str, profile: str | None, port: int | None, retrievers: Sequence[str] | None,
         replica: str | None) -> None:
-    logs.configure("INFO", prefix=f"{service} ")
-    engine = GatewaySettings.from_env(profile=profile)
     s = ServeSettings.from_env(port=port, replica=replica)
+    logs.configure("INFO", "json", service=service, replica=s.replica)
+    otel.setup(service, s.replica)  # off unless asked for (RALMSPEC_OTEL, OTEL_EXPORTER_OTLP_ENDPOINT)
+    engine = GatewaySettings.from_env(profile=profile)
     names = list(retrievers or RETRIEVERS)
     mains: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {
         "lm": lambda: serve_lm(engine, s),
@@ -152,4 +153,7 @@ def run(service: str, profile: str | None, port: int | None, retrievers: Sequenc
         "verifier": lambda: serve_verifier(engine, s),
         "gateway": lambda: serve_gateway(engine, s, names, env.PRESET.get()),
     }
-    asyncio.run(mains[service]())
+    try:
+        asyncio.run(mains[service]())
+    finally:
+        otel.shutdown()  # flushes buffered spans

@@ -49,6 +49,14 @@ MAX_DELIVERIES = EnvVar("RALMSPEC_MAX_DELIVERIES", "3",
 LM_SESSION_IDLE_S = EnvVar("RALMSPEC_LM_SESSION_IDLE_S", "600",
                            "an LM session (its KV cache) unused this long expires: its gateway died without closing it")
 LOG = EnvVar("RALMSPEC_LOG", "", "log level: DEBUG | INFO | WARNING | ERROR; empty = WARNING (CLI), INFO (services)")
+LOG_FORMAT = EnvVar("RALMSPEC_LOG_FORMAT", "",
+                   "log lines: json (one object a line: time, level, service, replica, logger, message, request_id) | "
+                   "text; empty = json for services (their logs go to files and collectors), text for the CLI")
+OTEL_ENDPOINT = EnvVar("OTEL_EXPORTER_OTLP_ENDPOINT", "",
+                       "OpenTelemetry's own variable (read by its exporter): where spans go, e.g. http://collector:4317")
+OTEL = EnvVar("RALMSPEC_OTEL", "",
+              "1: export OpenTelemetry spans (needs the `otel` extra) to OTEL_EXPORTER_OTLP_ENDPOINT (OTLP/gRPC, the "
+              "exporter's default localhost:4317); empty: on exactly when OTEL_EXPORTER_OTLP_ENDPOINT is set; 0: off")
 MAX_BATCH_SEQS = EnvVar("RALMSPEC_MAX_BATCH_SEQS", "16",
                         "LM continuous batching: sequences in one forward; 1 = one session's step at a time")
 MAX_BATCH_TOKENS = EnvVar("RALMSPEC_MAX_BATCH_TOKENS", "512", "LM continuous batching: tokens in one forward")
@@ -77,7 +85,8 @@ PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switc
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY,
        CLAIM_IDLE_MS, MAX_DELIVERIES, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS,
        MAX_BATCH_TOKENS, PREFILL_CHUNK, KV_BUDGET_TOKENS, PREFIX_CACHE_TOKENS, MAX_QUEUE, COALESCE_MS,
-       VERIFY_WINDOW_MS, PRESET, LOG, REDIS_PASSWORD]
+       VERIFY_WINDOW_MS, PRESET, LOG, LOG_FORMAT, OTEL, OTEL_ENDPOINT,
+       REDIS_PASSWORD]
 
 
 def data_dir() -> Path:

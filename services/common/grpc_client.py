@@ -11,13 +11,24 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import otel, tracing
 from services.common.errors import Unavailable
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.ops import Operation, ServiceDef, error_of
 
 
+def _metadata() -> tuple[tuple[str, str], ...] | None:
+    """The current request's id as `x-request-id` metadata (the server logs its work under it), and the current
+    OpenTelemetry span's `traceparent` when export is on; None when neither."""
+    rid = tracing.current()
+    md = [] if rid is None else [(tracing.METADATA_KEY, rid)]
+    md += otel.carrier().items()
+    return tuple(md) or None
+
+
 class GrpcClient:
-    """Calls operations on `target` ("host:port"); a non-OK status raises `error_of(code, details)`.
+    """Calls operations on `target` ("host:port"); a non-OK status raises `error_of(code, details)`. A call made
+    while serving a request (`tracing.current()`) sends its id as `x-request-id` metadata.
 
     Make it inside the running event loop: a grpc.aio channel belongs to the loop it was made in.
     """
@@ -38,7 +49,8 @@ class GrpcClient:
     async def call(self, service: ServiceDef, op: Operation, request: Message,
                    timeout_s: float | None = None) -> Message:
         try:
-            reply: Message = await self._callable(service, op)(request, timeout=timeout_s)
+            with otel.span(service.method(op.name), "client"):
+                reply: Message = await self._callable(service, op)(request, timeout=timeout_s, metadata=_metadata())
         except grpc.aio.AioRpcError as e:
             raise error_of(e.code().name, e.details() or "") from e
         return reply
@@ -46,7 +58,7 @@ class GrpcClient:
     async def stream(self, service: ServiceDef, op: Operation, request: Message,
                      timeout_s: float | None = None) -> AsyncIterator[Message]:
         """The replies of a server-streaming operation, in order; an error status raises after the replies before it."""
-        call = self._callable(service, op)(request, timeout=timeout_s)
+        call = self._callable(service, op)(request, timeout=timeout_s, metadata=_metadata())
         try:
             async for reply in call:
                 yield reply

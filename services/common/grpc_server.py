@@ -6,6 +6,10 @@ undecodable request body included: INVALID_ARGUMENT). A handler that takes a `Ca
 (`context.time_remaining()`) and its cancellation: gRPC cancels the handler's task when the client cancels, its
 deadline passes or it stops reading a stream, and the adapter then sets `call.cancelled` for whatever work the
 handler started on other threads.
+
+Each call runs as part of a request (`tracing.py`): the client's `x-request-id` metadata when it sends one (checked:
+INVALID_ARGUMENT otherwise), else a new id, bound for the handler and sent back as initial metadata `x-request-id`.
+Each call is logged once when answered (`tracing.CallLog`: INFO for a request's first call here, else DEBUG).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -23,7 +28,8 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common.ops import INTERNAL, Call, Operation, ServiceDef, status_of
+from services.common import otel, tracing
+from services.common.ops import CANCELLED, INTERNAL, OK, Call, Operation, ServiceDef, status_of
 
 log = logging.getLogger(__name__)
 
@@ -53,51 +59,82 @@ def _call_of(context: grpc.aio.ServicerContext) -> Call:
     return Call() if left is None else Call.expiring_in(left, f"the client's {left:.1f} s deadline")
 
 
-def _unary(method: str, op: Operation) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
+    value = next((v for k, v in context.invocation_metadata() or () if k == key), None)
+    return value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
+
+
+async def _bind_request_id(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """Bind the call's request id (the client's, checked, or a new one) to the RPC's task; send it back first.
+    Returns the caller's trace context, the OpenTelemetry span's parent (`otel.py`)."""
+    given = _metadata(context, tracing.METADATA_KEY)
+    rid = tracing.new_id() if given is None else tracing.check(given)
+    tracing.REQUEST_ID.set(rid)  # grpc.aio runs each RPC in its own task: this call's context only
+    await context.send_initial_metadata(((tracing.METADATA_KEY, rid),))
+    parent = _metadata(context, otel.TRACEPARENT)
+    return {} if parent is None else {otel.TRACEPARENT: parent}
+
+
+def _unary(method: str, op: Operation, calls: tracing.CallLog) -> Callable[[bytes, grpc.aio.ServicerContext],
+                                                                            Awaitable[Message]]:
     async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> Message:
-        call = _call_of(context)
+        call, started, code = _call_of(context), time.perf_counter(), OK
         try:
-            return await op.unary(op.parse(body), call)
+            parent = await _bind_request_id(context)
+            with otel.span(method, "server", parent):
+                return await op.unary(op.parse(body), call)
         except Exception as exc:
+            code = status_of(exc)[0]
             await _abort(context, method, exc)
         except asyncio.CancelledError:  # the client cancelled or its deadline passed: the call stays cancelled
             call.cancelled.set()
+            code = CANCELLED
             raise
+        finally:
+            calls.done(method, code, started)
 
     return rpc
 
 
-def _server_stream(method: str, op: Operation) -> Callable[[bytes, grpc.aio.ServicerContext],
-                                                           AsyncIterator[Message]]:
+def _server_stream(method: str, op: Operation, calls: tracing.CallLog) -> Callable[[bytes, grpc.aio.ServicerContext],
+                                                                                  AsyncIterator[Message]]:
     async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
-        call = _call_of(context)
+        call, started, code = _call_of(context), time.perf_counter(), OK
         try:
-            async with contextlib.aclosing(op.stream(op.parse(body), call)) as replies:
-                async for reply in replies:
-                    yield reply
+            parent = await _bind_request_id(context)
+            with otel.span(method, "server", parent):
+                async with contextlib.aclosing(op.stream(op.parse(body), call)) as replies:
+                    async for reply in replies:
+                        yield reply
         except Exception as exc:  # replies already sent stand; the status ends the stream
+            code = status_of(exc)[0]
             await _abort(context, method, exc)
         except (asyncio.CancelledError, GeneratorExit):  # cancelled, past its deadline, or no longer read
             call.cancelled.set()
+            code = CANCELLED
             raise
+        finally:
+            calls.done(method, code, started)
 
     return rpc
 
 
-def _method_handler(service: ServiceDef, op: Operation) -> grpc.RpcMethodHandler:
+def _method_handler(service: ServiceDef, op: Operation, calls: tracing.CallLog) -> grpc.RpcMethodHandler:
     # No request deserializer: the body arrives as bytes and is parsed inside the error mapping (a deserializer
     # that raises makes gRPC answer UNKNOWN and log a traceback).
     method = service.method(op.name)
     if op.streaming:
-        return grpc.unary_stream_rpc_method_handler(_server_stream(method, op),
+        return grpc.unary_stream_rpc_method_handler(_server_stream(method, op, calls),
                                                     response_serializer=op.reply.SerializeToString)
-    return grpc.unary_unary_rpc_method_handler(_unary(method, op), response_serializer=op.reply.SerializeToString)
+    return grpc.unary_unary_rpc_method_handler(_unary(method, op, calls),
+                                               response_serializer=op.reply.SerializeToString)
 
 
 def generic_handler(service: ServiceDef) -> grpc.GenericRpcHandler:
     """One gRPC handler serving every operation of `service` under /<full_name>/<op name>."""
+    calls = tracing.CallLog(log)
     return grpc.method_handlers_generic_handler(
-        service.full_name, {name: _method_handler(service, op) for name, op in service.ops.items()})
+        service.full_name, {name: _method_handler(service, op, calls) for name, op in service.ops.items()})
 
 
 @dataclass

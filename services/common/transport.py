@@ -9,6 +9,9 @@ Wire format (every field a Redis stream field, values bytes):
         deadline_ms  absolute unix epoch ms after which nobody waits for the reply; b"0" = none (a handler
                      that takes a `Call` sees it as the call's deadline)
         body         the operation's request protobuf, serialized
+        request_id   optional: the id of the public request this call serves (`tracing.py`), which the worker binds
+                     while it handles the entry; absent in calls outside a request and in entries from before it
+        traceparent  optional: the caller's OpenTelemetry span (W3C trace context), when export is on (`otel.py`)
     reply, XADDed to reply_to, MAXLEN ~ worker maxlen, the stream EXPIREd REPLY_TTL_S after each reply:
         id           the request's correlation id
         code         status name from ops.py: b"OK", b"INVALID_ARGUMENT", ...
@@ -51,6 +54,7 @@ from redis.exceptions import BusyLoadingError, MasterDownError, ReadOnlyError, R
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from services.common import otel, tracing
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from services.common.ops import (
     DEADLINE_EXCEEDED,
@@ -163,6 +167,12 @@ async def _write(redis: aioredis.Redis, fill: Callable[[Pipeline], object], fail
         return
 
 
+def _parent(fields: Fields) -> dict[str, str]:
+    """An entry's trace context, the parent of the span that handles it (`otel.py`); {} when it carries none."""
+    parent = fields.get(otel.TRACEPARENT.encode())
+    return {} if parent is None else {otel.TRACEPARENT: parent.decode("ascii", errors="replace")}
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -199,6 +209,7 @@ class StreamWorker:
         self._stop = asyncio.Event()
         self._finished = asyncio.Event()
         self._running = False
+        self._calls = tracing.CallLog(log)
 
     @property
     def in_flight(self) -> int:
@@ -319,7 +330,8 @@ class StreamWorker:
         await _write(self.redis, move, self.failover)
         self.dead += 1
         log.error("worker %s: %s %s (%s) dead-lettered to %s after %d deliveries", self.consumer, stream,
-                  entry_id.decode(errors="replace"), op, dead, deliveries - 1)
+                  entry_id.decode(errors="replace"), op, dead, deliveries - 1,
+                  extra={"request_id": tracing.from_wire(fields.get(b"request_id"))})
         return True
 
     def _spawn(self, stream: str, entry_id: bytes, fields: Fields) -> None:
@@ -331,7 +343,12 @@ class StreamWorker:
     async def _handle(self, stream: str, entry_id: bytes, fields: Fields) -> None:
         try:
             async with self._sem:
-                code, message, body = await self._answer(fields)
+                tracing.REQUEST_ID.set(tracing.from_wire(fields.get(b"request_id")))  # this entry's task only
+                started = time.perf_counter()
+                method = f"{self.service.full_name}/{fields.get(b'op', b'?').decode(errors='replace')}"
+                with otel.span(method, "consumer", _parent(fields)):
+                    code, message, body = await self._answer(fields)
+                self._calls.done(method, code, started)
                 reply_to, cid = fields.get(b"reply_to"), fields.get(b"id", b"")
                 if not reply_to:
                     log.warning("worker %s: entry %s %s has no reply_to; acked unanswered", self.consumer, stream,
@@ -427,6 +444,18 @@ class StreamClient:
         fields: dict[Any, Any] = {b"op": op.name, b"id": cid, b"reply_to": self.reply_stream,
                                   b"deadline_ms": _now_ms() + int(timeout * 1000),
                                   b"body": request.SerializeToString()}
+        if (rid := tracing.current()) is not None:
+            fields[b"request_id"] = rid
+        with otel.span(f"{stream}/{op.name}", "client"):
+            fields.update({k.encode(): v for k, v in otel.carrier().items()})
+            code, message, body = await self._send(stream, op, fields, future, timeout)
+        if code != OK:
+            raise error_of(code, message)
+        return op.reply.FromString(body)
+
+    async def _send(self, stream: str, op: Operation, fields: dict[Any, Any], future: asyncio.Future[Reply],
+                    timeout: float) -> Reply:
+        """XADD the request, then wait for its reply until `timeout` s from now."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout
         try:
@@ -437,16 +466,13 @@ class StreamClient:
             await asyncio.wait({future}, timeout=max(0.0, end - loop.time()))
             if not future.done():
                 raise TimeoutError
-            code, message, body = future.result()
+            return future.result()
         except TimeoutError:
             raise DeadlineExceeded(f"{op.name} on {stream}: no reply within {timeout:g} s") from None
         except RedisError as e:
             raise Unavailable(f"{op.name} on {stream}: redis unreachable: {e}") from e
         finally:
-            self._pending.pop(cid, None)
-        if code != OK:
-            raise error_of(code, message)
-        return op.reply.FromString(body)
+            self._pending.pop(fields[b"id"], None)
 
     async def count(self, counter: str, group: str, n: int = 1) -> None:
         """Add `n` to this client's `counter` for `group` (`counter_key`); a metric never fails its caller."""

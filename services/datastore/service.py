@@ -22,6 +22,7 @@ from services.common.contracts import DATASTORE
 from services.common.errors import InvalidRequest, Unavailable
 from services.common.expiring import ExpiringTable
 from services.common.ops import ServiceDef
+from services.common.tracing import ContextExecutor
 from services.common.wire import retriever_name, vector_from_bytes
 from services.datastore.knn_cache import KnnCache, check_successors
 from services.datastore.proposers import LocalDrafts
@@ -78,7 +79,7 @@ SOURCES = {cpb.DRAFT_SOURCE_REST: "rest", cpb.DRAFT_SOURCE_PROMPT: "prompt", cpb
 def datastore_service(retrievers: Mapping[str, Retriever], replica_stream: str, drafts: LocalDrafts,
                       threads: int = 2, knn: KnnDatastore | None = None) -> tuple[ServiceDef, ThreadPoolExecutor]:
     table = CacheTable(retrievers)
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="datastore")
+    pool = ContextExecutor(max_workers=threads, thread_name_prefix="datastore")
 
     async def open_cache(req: pb.OpenCacheRequest) -> pb.OpenCacheReply:
         retriever_name(req.retriever)  # INVALID_ARGUMENT for an unknown kind

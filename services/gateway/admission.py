@@ -16,11 +16,12 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TypeVar
 
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded
 from services.common.ops import Call, Cancelled
+from services.common.tracing import ContextExecutor
 
 R = TypeVar("R")
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class RequestPool:
         self.refused = 0  # requests answered RESOURCE_EXHAUSTED
         self.expired = 0  # queued requests dropped because their deadline passed
         self.mean_s: float | None = None  # running mean of the time a request holds a thread
-        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="request")
+        self._threads = ContextExecutor(workers, thread_name_prefix="request")  # the request's id goes along
         self._slots = asyncio.Semaphore(workers)
 
     async def run(self, fn: Callable[[], R], call: Call) -> R:

@@ -4,7 +4,7 @@ The controller is synchronous; each request runs on a thread of the gateway's bo
 workers and queue, RESOURCE_EXHAUSTED) and reaches the other services through the backends it was built with. A
 request stops at the earlier of its `deadline_s` (counted from its arrival, queueing included) and the client's gRPC
 deadline, and before its next LM step once the client cancels. GenerateStream forwards tokens as the controller
-releases them, which it does only once they are verified.
+releases them, which it does only once they are verified. Both replies carry the request's id (`tracing.py`).
 """
 
 from __future__ import annotations
@@ -14,16 +14,23 @@ from collections.abc import AsyncGenerator
 
 from ralmspec.v1 import gateway_pb2 as pb
 
+from services.common import tracing
 from services.common.contracts import GATEWAY
 from services.common.ops import Call, ServiceDef
 from services.gateway.admission import RequestPool
 from services.gateway.api import to_reply, to_request
 from services.gateway.controller import Controller, Request
+from services.gateway.ralm import RalmResult
 from services.gateway.ralmspec import SpecConfig
 
 
 def gateway_service(controller: Controller, default_spec: SpecConfig, pool: RequestPool) -> ServiceDef:
     engine = controller.engine
+
+    def reply(res: RalmResult) -> pb.GenerateReply:
+        out = to_reply(res, engine.docs)
+        out.request_id = tracing.current() or ""
+        return out
 
     def admit(req: pb.GenerateRequest, call: Call) -> tuple[Request, Call]:
         """The request, and its call with `deadline_s` counted from now (when that comes before the client's)."""
@@ -33,7 +40,7 @@ def gateway_service(controller: Controller, default_spec: SpecConfig, pool: Requ
     async def generate(req: pb.GenerateRequest, call: Call) -> pb.GenerateReply:
         request, call = admit(req, call)
         res = await pool.run(lambda: controller.run(request, None, call), call)
-        return to_reply(res, engine.docs)
+        return reply(res)
 
     async def generate_stream(req: pb.GenerateRequest, call: Call) -> AsyncGenerator[pb.GenerateChunk, None]:
         request, call = admit(req, call)
@@ -58,6 +65,6 @@ def gateway_service(controller: Controller, default_spec: SpecConfig, pool: Requ
         finally:
             if not run.done():  # the client went away: leave the queue (a running controller stops on its call)
                 run.cancel()
-        yield pb.GenerateChunk(done=to_reply(res, engine.docs))
+        yield pb.GenerateChunk(done=reply(res))
 
     return GATEWAY.bind(Generate=generate, GenerateStream=generate_stream)

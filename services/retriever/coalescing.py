@@ -18,16 +18,18 @@ Rules:
   invalid as a whole (retriever and k, vector size), and callers validate their own items before submitting:
   then a batch fails only for a reason every member would have failed for alone, and that error goes to each.
 - A caller cancelled before its batch runs (deadline, disconnect) leaves the batch; a batch left empty is not run.
+- A batch runs as part of its callers' request (`tracing.py`) when they all serve one; a merged batch, of none.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from services.common import env
+from services.common import env, tracing
 
 K = TypeVar("K", bound=Hashable)
 I = TypeVar("I")  # noqa: E741 - item
@@ -55,6 +57,7 @@ class CoalesceSettings:
 class _Caller(Generic[I, R]):
     items: Sequence[I]
     future: asyncio.Future[list[R]]
+    request_id: str | None = field(default_factory=tracing.current)
 
 
 @dataclass
@@ -141,7 +144,10 @@ class Coalescer(Generic[K, I, R]):
         if not callers:
             return
         self._started(batch.key, sum(len(c.items) for c in callers))
-        task = asyncio.get_running_loop().create_task(self._run(batch.key, callers))
+        ids = {c.request_id for c in callers}
+        context = contextvars.copy_context()  # whichever caller or timer launched it, the batch is all its callers'
+        context.run(tracing.REQUEST_ID.set, ids.pop() if len(ids) == 1 else None)
+        task = asyncio.get_running_loop().create_task(self._run(batch.key, callers), context=context)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -26,6 +26,7 @@ from ralmspec.v1 import retriever_pb2 as pb
 from services.common.contracts import RETRIEVER
 from services.common.errors import InvalidRequest, Unavailable
 from services.common.ops import ServiceDef
+from services.common.tracing import ContextExecutor
 from services.common.wire import knn_index_name, retriever_name, vector_from_bytes
 from services.retriever.coalescing import MAX_BATCH, Coalescer, CoalesceSettings
 from services.retriever.knn_index import NOT_BUILT, KnnDatastore
@@ -66,8 +67,8 @@ def retriever_service(retrievers: Mapping[str, Retriever], knn: KnnDatastore | N
                       settings: RetrieverServiceSettings = RetrieverServiceSettings(),
                       ) -> tuple[ServiceDef, ThreadPoolExecutor]:
     # OpenMP's thread count is per thread: set it in each pool thread (the main thread's setting is not inherited)
-    pool = ThreadPoolExecutor(max_workers=settings.threads, thread_name_prefix="retriever",
-                              initializer=faiss.omp_set_num_threads, initargs=(settings.omp_threads,))
+    pool = ContextExecutor(max_workers=settings.threads, thread_name_prefix="retriever",
+                           initializer=faiss.omp_set_num_threads, initargs=(settings.omp_threads,))
 
     async def run(fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn)

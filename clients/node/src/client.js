@@ -53,7 +53,8 @@ class GatewayClient {
   }
 
   /**
-   * The whole answer: a GenerateReply ({text, token_ids, passages, stats, gaps}).
+   * The whole answer: a GenerateReply ({text, token_ids, passages, stats, gaps, request_id}). `request_id` is the
+   * `x-request-id` metadata sent (`options.metadata`), else the gateway's own: every service logs the request under it.
    * @param {object} request a GenerateRequest, e.g. {question: 'Who wrote Hamlet?', mode: 'MODE_RALMSPEC'}
    * @param {CallOptions} [options]
    */

@@ -64,6 +64,7 @@ for (const [name, request] of Object.entries(SAME_TOKENS)) {
     const reply = await client.generate(request, { metadata: { 'x-request-id': `node-${name}` } });
     assert.deepEqual(reply.token_ids, want.token_ids);
     assert.equal(reply.text, want.text);
+    assert.equal(reply.request_id, `node-${name}`); // the id the services logged this request under
 
     const stream = client.generateStream(request);
     const tokens = [];
@@ -71,6 +72,7 @@ for (const [name, request] of Object.entries(SAME_TOKENS)) {
     assert.deepEqual(tokens, want.token_ids);
     assert.deepEqual(stream.reply.token_ids, want.token_ids);
     assert.equal(stream.reply.text, want.text); // a question's answer: the first line of the streamed text, trimmed
+    assert.match(stream.reply.request_id, /^[0-9a-f]{32}$/); // none sent: the gateway's own
   });
 }
 

@@ -1,0 +1,83 @@
+"""`ralmspec up --profile tiny` run as a user runs it, for the end-to-end tests: free ports, its own redis-server,
+the gateway address, every child's pid and log file read from what it prints."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class Up:
+    proc: subprocess.Popen[str]
+    gateway: str  # host:port
+    pids: list[int]  # the five services', then redis-server's
+    logs: dict[str, Path]  # replica name (e.g. "lm-0-<pid>") -> its log file
+
+    def log_of(self, service: str) -> Path:
+        """The log file of `service`'s (first) replica."""
+        return next(path for replica, path in sorted(self.logs.items()) if replica.startswith(f"{service}-"))
+
+    def stop(self, timeout_s: float = 120) -> str:
+        """Ctrl-C (SIGINT), as a user stops it; returns what it printed from then on. Killed if it lingers."""
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            rest, _ = self.proc.communicate(timeout=timeout_s)
+            return rest
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end and any(alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+def start_up(extra_env: Mapping[str, str] | None = None) -> Up:
+    """`ralmspec up` on free ports, with `extra_env` on top of ours; returns once the gateway is ready."""
+    env = {**os.environ, "RALMSPEC_REDIS_URL": "", **(extra_env or {})}  # empty URL: up starts its own redis-server
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "up", "--profile", "tiny", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    end = time.monotonic() + 300
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        assert line, "up exited early:\n" + "".join(lines)
+        lines.append(line)
+        if "gateway ready on" in line:
+            break
+    out = "".join(lines)
+    gateway = re.search(r"gateway ready on (\S+)", out)
+    port = re.search(r"redis://[^:]+:(\d+)", out)
+    assert gateway and port, out
+    children = re.findall(r"^\s+(\S+)\s+.*\bpid (\d+)\s+log (\S+)$", out, re.MULTILINE)
+    assert len(children) == 5, out
+    redis_pids = subprocess.run(["pgrep", "-f", f"redis-server .*:{port[1]}"], capture_output=True,
+                                text=True).stdout.split()
+    assert redis_pids
+    return Up(proc, gateway[1], [int(pid) for _, pid, _ in children] + [int(p) for p in redis_pids],
+              {replica: Path(log) for replica, _, log in children})
