@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from services.common import env, logs, otel
+from services.common import env, logs, metrics, otel
 from services.common.contracts import LM
 from services.common.grpc_server import GATEWAY_MAX_MESSAGE_BYTES
 from services.common.serving import ServeSettings, serve
@@ -64,10 +64,11 @@ def _closer(*pools: ThreadPoolExecutor) -> Callable[[], Awaitable[None]]:
 async def serve_lm(engine: GatewaySettings, s: ServeSettings) -> None:
     from services.lm.engine import LmEngine, LmSettings
     from services.lm.model import load
-    from services.lm.service import lm_service
+    from services.lm.service import lm_service, stats_reply
 
     lm = LmEngine(load(engine.model, engine.layout.models, engine.device, engine.dtype), settings=LmSettings.from_env())
     service, batch = lm_service(lm, s.own_stream(LM))
+    metrics.expose(metrics.LM, metrics.SnapshotCollector(metrics.LM_STATS, lambda: stats_reply(lm, batch)))
 
     async def close() -> None:
         await asyncio.to_thread(batch.close)
@@ -80,6 +81,7 @@ async def serve_retriever(engine: GatewaySettings, s: ServeSettings, names: Sequ
 
     service, pool = retriever_service(_retrievers(engine, names), knn=_knn(engine, ("exact", "approx")),
                                       settings=RetrieverServiceSettings.from_env())
+    metrics.expose(metrics.RETRIEVER)
     await serve(service, s, on_close=_closer(pool))
 
 
@@ -100,6 +102,7 @@ async def serve_verifier(engine: GatewaySettings, s: ServeSettings) -> None:
     async def close() -> None:
         await client.close()
 
+    metrics.expose(metrics.VERIFIER)
     await serve(verifier_service(client, VerifierSettings.from_env(s.call_timeout_s)), s, on_close=close)
 
 
@@ -133,6 +136,7 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
         await asyncio.to_thread(pool.close)  # requests still running stop at their next step (their calls ended)
         await client.close()
 
+    metrics.expose(metrics.GATEWAY)
     # Generate is served over gRPC only: a gateway is the public edge, and its controller's own calls to the
     # other services are what travel over Redis.
     await serve(gateway_service(controller, PRESETS[preset], pool), s, streams=False, on_close=close,

@@ -35,6 +35,7 @@ class Child:
     port: int
     proc: subprocess.Popen[bytes]
     log: Path
+    metrics_port: int = 0  # its Prometheus endpoint: http://127.0.0.1:<metrics_port>/metrics
 
     def tail(self, n: int = 20) -> str:
         try:
@@ -61,6 +62,10 @@ class Cluster:
         """The gRPC address of each replica of `service` (e.g. every LM replica, for its Stats)."""
         return [f"127.0.0.1:{c.port}" for c in self.children if c.service == service]
 
+    def metrics_urls(self, service: str) -> list[str]:
+        """The Prometheus endpoint of each replica of `service`."""
+        return [f"http://127.0.0.1:{c.metrics_port}/metrics" for c in self.children if c.service == service]
+
     def start(self, timeout_s: float = 300.0) -> Cluster:
         if not self.redis_url:
             self.redis = LocalRedis().start()
@@ -79,13 +84,15 @@ class Cluster:
 
     def _spawn(self, service: str, replica: str, logs: Path) -> None:
         port = self.gateway_port if service == "gateway" and self.gateway_port else free_port()
+        metrics_port = free_port()
         log = logs / f"{replica}.log"
         child_env = {**os.environ, **self.extra_env, env.REDIS_URL.name: self.redis_url,
-                     env.PROFILE.name: self.profile, env.PORT.name: str(port), env.REPLICA.name: replica}
+                     env.PROFILE.name: self.profile, env.PORT.name: str(port), env.REPLICA.name: replica,
+                     env.METRICS_PORT.name: str(metrics_port)}
         cmd = [sys.executable, "-m", "services.cli", "serve", service, "--die-with-parent"]
         with open(log, "wb") as out:  # its own session: Ctrl-C reaches only `up`, which stops children in order
             proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append(Child(service, replica, port, proc, log))
+        self.children.append(Child(service, replica, port, proc, log, metrics_port))
 
     def rss_mb(self) -> dict[str, float]:
         """Each service's largest resident set among its live replicas, MB (psutil, imported here only: the
@@ -159,7 +166,8 @@ def up(profile: str, gateway_port: int, replicas: Mapping[str, int]) -> int:
     cluster.start()
     print(f"redis {cluster.redis_url}", flush=True)
     for c in cluster.children:
-        print(f"  {c.replica:<24} 127.0.0.1:{c.port}  pid {c.proc.pid}  log {c.log}", flush=True)
+        print(f"  {c.replica:<24} 127.0.0.1:{c.port}  metrics http://127.0.0.1:{c.metrics_port}/metrics  "
+              f"pid {c.proc.pid}  log {c.log}", flush=True)
     print(f"gateway ready on {cluster.gateway} after {time.monotonic() - t:.1f} s (Ctrl-C stops everything)",
           flush=True)
     try:

@@ -37,6 +37,9 @@ REDIS_PASSWORD = EnvVar("RALMSPEC_REDIS_PASSWORD", "",
                         "RALMSPEC_REDIS_URL ($(RALMSPEC_REDIS_PASSWORD)); the code reads only the URL")
 HOST = EnvVar("RALMSPEC_HOST", "127.0.0.1", "address a service's gRPC server binds")
 PORT = EnvVar("RALMSPEC_PORT", "0", "a service's gRPC port; 0 = a free one (printed at start)")
+METRICS_PORT = EnvVar("RALMSPEC_METRICS_PORT", "0",
+                      "a service's Prometheus metrics port (HTTP /metrics, on RALMSPEC_HOST); 0 = a free one (printed "
+                      "at start: the ready line's metrics=)")
 REPLICA = EnvVar("RALMSPEC_REPLICA", "", "this replica's consumer name; empty = <hostname>-<pid>")
 CONCURRENCY = EnvVar("RALMSPEC_CONCURRENCY", "8", "stream entries a replica handles at once")
 CLAIM_IDLE_MS = EnvVar("RALMSPEC_CLAIM_IDLE_MS", "30000", "reclaim a dead consumer's entries after this idle time")
@@ -82,8 +85,8 @@ SPEC_PAUSE_AT = EnvVar("RALMSPEC_SPEC_PAUSE_AT", "2",
                        "run; 0 = never (vLLM's speculative_disable_by_batch_size)")
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
-ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, REPLICA, CONCURRENCY,
-       CLAIM_IDLE_MS, MAX_DELIVERIES, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS,
+ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, METRICS_PORT, REPLICA,
+       CONCURRENCY, CLAIM_IDLE_MS, MAX_DELIVERIES, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS,
        MAX_BATCH_TOKENS, PREFILL_CHUNK, KV_BUDGET_TOKENS, PREFIX_CACHE_TOKENS, MAX_QUEUE, COALESCE_MS,
        VERIFY_WINDOW_MS, PRESET, LOG, LOG_FORMAT, OTEL, OTEL_ENDPOINT,
        REDIS_PASSWORD]

@@ -9,7 +9,8 @@ handler started on other threads.
 
 Each call runs as part of a request (`tracing.py`): the client's `x-request-id` metadata when it sends one (checked:
 INVALID_ARGUMENT otherwise), else a new id, bound for the handler and sent back as initial metadata `x-request-id`.
-Each call is logged once when answered (`tracing.CallLog`: INFO for a request's first call here, else DEBUG).
+Each call is logged once when answered (`tracing.CallLog`: INFO for a request's first call here, else DEBUG), and
+counted with its status and latency (`metrics.observe_rpc`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from services.common import otel, tracing
+from services.common import metrics, otel, tracing
 from services.common.ops import CANCELLED, INTERNAL, OK, Call, Operation, ServiceDef, status_of
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ async def _bind_request_id(context: grpc.aio.ServicerContext) -> dict[str, str]:
 
 def _unary(method: str, op: Operation, calls: tracing.CallLog) -> Callable[[bytes, grpc.aio.ServicerContext],
                                                                             Awaitable[Message]]:
+    service = method.split("/")[1]  # "/<full service name>/<op>"
+
     async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> Message:
         call, started, code = _call_of(context), time.perf_counter(), OK
         try:
@@ -92,12 +95,15 @@ def _unary(method: str, op: Operation, calls: tracing.CallLog) -> Callable[[byte
             raise
         finally:
             calls.done(method, code, started)
+            metrics.observe_rpc("grpc", service, op.name, code, started)
 
     return rpc
 
 
 def _server_stream(method: str, op: Operation, calls: tracing.CallLog) -> Callable[[bytes, grpc.aio.ServicerContext],
                                                                                   AsyncIterator[Message]]:
+    service = method.split("/")[1]
+
     async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
         call, started, code = _call_of(context), time.perf_counter(), OK
         try:
@@ -115,6 +121,7 @@ def _server_stream(method: str, op: Operation, calls: tracing.CallLog) -> Callab
             raise
         finally:
             calls.done(method, code, started)
+            metrics.observe_rpc("grpc", service, op.name, code, started)
 
     return rpc
 

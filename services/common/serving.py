@@ -13,11 +13,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from services.common import env
+from services.common import env, metrics
 from services.common.contracts import replica_stream
 from services.common.grpc_server import install_sigterm, start_server
 from services.common.ops import ServiceDef
-from services.common.transport import StreamWorker
+from services.common.transport import StreamWorker, sync_connect
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ class ServeSettings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     host: str = "127.0.0.1"
     port: int = 0
+    metrics_port: int = 0  # Prometheus /metrics (HTTP); 0 = a free one
     replica: str = field(default_factory=_default_replica)
     concurrency: int = 8
     claim_idle_ms: int = 30_000
@@ -44,6 +45,7 @@ class ServeSettings:
     @classmethod
     def from_env(cls, **overrides: object) -> ServeSettings:
         s = cls(redis_url=env.REDIS_URL.get() or cls.redis_url, host=env.HOST.get(), port=int(env.PORT.get()),
+                metrics_port=int(env.METRICS_PORT.get()),
                 replica=env.REPLICA.get() or _default_replica(), concurrency=int(env.CONCURRENCY.get()),
                 claim_idle_ms=int(env.CLAIM_IDLE_MS.get()), max_deliveries=int(env.MAX_DELIVERIES.get()),
                 maxlen=int(env.MAXLEN.get()),
@@ -67,6 +69,8 @@ async def serve(service: ServiceDef, s: ServeSettings, *, pinned: bool = False, 
         worker = StreamWorker(s.redis_url, service, s.replica, streams=names, concurrency=s.concurrency,
                               claim_idle_ms=s.claim_idle_ms, maxlen=s.maxlen, max_deliveries=s.max_deliveries)
         tasks.append(asyncio.create_task(worker.run()))
+        metrics.expose(metrics.StreamCollector(worker, sync_connect(s.redis_url)))
+    metrics_port = metrics.start(s.host, s.metrics_port)
     stopped = asyncio.Event()
 
     async def stop() -> None:
@@ -80,7 +84,8 @@ async def serve(service: ServiceDef, s: ServeSettings, *, pinned: bool = False, 
 
     install_sigterm(asyncio.get_running_loop(), stop)
     # One parseable line: `ralmspec up` and operators read the bound port from it.
-    print(f"ready {service.full_name} grpc={s.host}:{grpc_server.port} replica={s.replica}", flush=True)
+    print(f"ready {service.full_name} grpc={s.host}:{grpc_server.port} metrics={s.host}:{metrics_port} "
+          f"replica={s.replica}", flush=True)
     await stopped.wait()
     for t in tasks:
         t.cancel()

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import redis
 import redis.asyncio as aioredis
 from google.protobuf.message import Message
 from redis.asyncio.client import Pipeline
@@ -53,8 +54,9 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import BusyLoadingError, MasterDownError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.sentinel import Sentinel as SyncSentinel
 
-from services.common import otel, tracing
+from services.common import metrics, otel, tracing
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
 from services.common.ops import (
     DEADLINE_EXCEEDED,
@@ -127,6 +129,19 @@ def _connect(url: str, max_connections: int) -> aioredis.Redis:
                         db=db, **auth).master_for(name)
     pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None)
     return aioredis.Redis.from_pool(pool)
+
+
+def sync_connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """A synchronous client of the same Redis (or Sentinel primary), for readers off the event loop: the metrics
+    endpoint's XINFO GROUPS at scrape time. Short timeouts: a scrape never hangs on Redis."""
+    sentinel = sentinel_address(url)
+    if sentinel is not None:
+        nodes, name, password, db = sentinel
+        auth = {"password": password} if password else {}
+        return SyncSentinel(nodes, sentinel_kwargs={**auth, "socket_connect_timeout": timeout_s},
+                            socket_connect_timeout=timeout_s, socket_timeout=timeout_s, db=db,
+                            **auth).master_for(name)
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
 
 
 @dataclass
@@ -349,6 +364,7 @@ class StreamWorker:
                 with otel.span(method, "consumer", _parent(fields)):
                     code, message, body = await self._answer(fields)
                 self._calls.done(method, code, started)
+                metrics.observe_rpc("stream", self.service.full_name, self._op_label(fields), code, started)
                 reply_to, cid = fields.get(b"reply_to"), fields.get(b"id", b"")
                 if not reply_to:
                     log.warning("worker %s: entry %s %s has no reply_to; acked unanswered", self.consumer, stream,
@@ -368,6 +384,11 @@ class StreamWorker:
             log.exception("worker %s: could not answer %s %s", self.consumer, stream, entry_id)
         finally:
             self._in_flight.pop((stream, entry_id), None)
+
+    def _op_label(self, fields: Fields) -> str:
+        """The entry's operation as a metric label: its name when the service has it (bounded label values)."""
+        name = fields.get(b"op", b"").decode(errors="replace")
+        return name if name in self.service.ops else "unknown"
 
     async def _answer(self, fields: Fields) -> Reply:
         name = fields.get(b"op", b"").decode(errors="replace")
@@ -435,6 +456,7 @@ class StreamClient:
         if op.streaming:
             raise InvalidRequest(f"{op.name} is server-streaming: call it over gRPC")
         if len(self._pending) >= self.max_pending:
+            metrics.CLIENT_OVERLOADED.labels(stream).inc()
             raise Overloaded(f"{len(self._pending)} calls already in flight (max_pending={self.max_pending})")
         await self.start()
         timeout = self.default_timeout_s if timeout_s is None else timeout_s

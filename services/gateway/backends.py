@@ -84,8 +84,12 @@ def drafted_decode(backends: Backends, sid: str, seq: Sequence[int], n: int, sto
     while len(out.tokens) < n and not out.stopped:
         clock()
         ctx = list(seq) + out.tokens
-        e = backends.lm.step(sid, ctx, n - len(out.tokens), stop_at_newline,
-                             tree=backends.drafts.propose(draft, ctx, budget), sampling=sampling, prefix=prefix)
+        tree = backends.drafts.propose(draft, ctx, budget)
+        e = backends.lm.step(sid, ctx, n - len(out.tokens), stop_at_newline, tree=tree, sampling=sampling,
+                             prefix=prefix)
+        if len(tree.tokens):  # a tree step emits its accepted path and one token more (fewer at a stop or n)
+            out.drafted += len(tree.tokens)
+            out.draft_accepted += min(len(tree.tokens), max(0, len(e.tokens) - 1))
         out.tokens += e.tokens
         out.gaps += e.gaps
         out.forwards += e.forwards

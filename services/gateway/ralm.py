@@ -89,6 +89,8 @@ class RalmResult:
     retrievals: int = 0  # retriever calls (queries sent)
     lm_forwards: int = 0
     lm_fed_tokens: int = 0  # tokens pushed through the LM (prefill + decode): what KV reuse saves
+    drafted: int = 0  # REST draft nodes proposed (Emitted.drafted, summed)
+    draft_accepted: int = 0  # of which accepted (Emitted.draft_accepted, summed)
     stats: dict = field(default_factory=dict)
 
 
@@ -229,6 +231,8 @@ class RalmEngine:
                 res.gaps += e.gaps
                 res.lm_forwards += e.forwards
                 res.lm_fed_tokens += e.fed
+                res.drafted += e.drafted
+                res.draft_accepted += e.draft_accepted
                 if emit:
                     emit(e.tokens)
                 if e.stopped:

@@ -94,6 +94,8 @@ class _Strides:
         self.res.lm_s += time.perf_counter() - t
         self.res.lm_forwards += e.forwards
         self.res.lm_fed_tokens += e.fed
+        self.res.drafted += e.drafted
+        self.res.draft_accepted += e.draft_accepted
         return e.tokens, e.gaps
 
     def verify(self, keys: list[_Query], guesses: list[int | None]) -> list[list[Hit]]:

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 
 from ralmspec.v1 import gateway_pb2 as pb
 
-from services.common import tracing
+from services.common import metrics, tracing
 from services.common.contracts import GATEWAY
 from services.common.ops import Call, ServiceDef
 from services.gateway.admission import RequestPool
@@ -22,6 +22,15 @@ from services.gateway.api import to_reply, to_request
 from services.gateway.controller import Controller, Request
 from services.gateway.ralm import RalmResult
 from services.gateway.ralmspec import SpecConfig
+
+
+def observe(request: Request, res: RalmResult) -> None:
+    """A finished request's counts in the gateway's metrics (`metrics.py`)."""
+    kind = "ralm" if request.knn is None else "knnlm"
+    metrics.GATEWAY_TOKENS.labels(kind, "ralmspec" if request.spec else request.cfg.mode).inc(len(res.tokens))
+    if request.spec is not None:
+        metrics.observe_speculation(kind, request.spec.prefetch, res.stats)
+    metrics.observe_drafts(request.cfg.draft, res.drafted, res.draft_accepted)
 
 
 def gateway_service(controller: Controller, default_spec: SpecConfig, pool: RequestPool) -> ServiceDef:
@@ -40,6 +49,7 @@ def gateway_service(controller: Controller, default_spec: SpecConfig, pool: Requ
     async def generate(req: pb.GenerateRequest, call: Call) -> pb.GenerateReply:
         request, call = admit(req, call)
         res = await pool.run(lambda: controller.run(request, None, call), call)
+        observe(request, res)
         return reply(res)
 
     async def generate_stream(req: pb.GenerateRequest, call: Call) -> AsyncGenerator[pb.GenerateChunk, None]:
@@ -62,6 +72,7 @@ def gateway_service(controller: Controller, default_spec: SpecConfig, pool: Requ
                 text = full
                 yield pb.GenerateChunk(delta=pb.TokenDelta(token_ids=chunk, text=delta))
             res = await run
+            observe(request, res)
         finally:
             if not run.done():  # the client went away: leave the queue (a running controller stops on its call)
                 run.cancel()

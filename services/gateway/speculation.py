@@ -171,7 +171,10 @@ class SpeculationLoop(Generic[K, G, T]):
                                  asynchronous=spec.asynchronous))
         self.res = LoopResult()
         self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
-        self.strides: list[int] = []
+        self.strides: list[int] = []  # steps speculated in each round
+        self.accepted: list[int] = []  # steps accepted in each round (before its first mismatch)
+        self.shadow_lookups = self.shadow_hits = 0  # plain steps' shadow guesses checked / right
+        self.retrieval_work_s = 0.0  # every search's own time (plain steps' and verifications'), hidden or not
         self.spec_s = 0.0  # key + cache lookup of speculation steps
         # Seconds on the request's critical path by phase: key (KNN-LM: the LM forward; RaLM: the encoder), join
         # (waiting for a plain step's bookkeeping), lookup (cache guesses), search (plain steps), decode, wait
@@ -248,6 +251,7 @@ class SpeculationLoop(Generic[K, G, T]):
         truth = self.g.retrieve(key)
         seconds = self.lap("search", t) - t
         self.res.retrieval_s += seconds
+        self.retrieval_work_s += seconds
         self.res.retrievals += 1
         self.calls += 1
         self.os3.observe_verification(seconds, 1)
@@ -286,6 +290,8 @@ class SpeculationLoop(Generic[K, G, T]):
 
     def _absorb(self, agreed: bool | None) -> None:
         if agreed is not None:
+            self.shadow_lookups += 1
+            self.shadow_hits += int(agreed)
             self.os3.observe_round(1, int(agreed))
 
     def join_books(self) -> None:
@@ -318,6 +324,8 @@ class SpeculationLoop(Generic[K, G, T]):
         self.matched += matched
         self.rounds += 1
         self.strides.append(len(steps))
+        self.accepted.append(matched)
+        self.retrieval_work_s += verdict.seconds
         t = self.lap("settle", t)
         if bad is None:
             return None
@@ -375,5 +383,9 @@ class SpeculationLoop(Generic[K, G, T]):
                               rollbacks=self.rollbacks, mean_stride=sum(self.strides) / max(1, len(self.strides)),
                               spec_s=self.spec_s, cache_size=self.g.cache_size(), retrieval_calls=self.calls,
                               plain_steps=self.plain_steps, paused_steps=self.paused,
-                              timeline_s=dict(self.timeline))
+                              timeline_s=dict(self.timeline),
+                              # for the gateway's metrics (services/common/metrics.py: observe_speculation)
+                              round_strides=list(self.strides), round_accepted=list(self.accepted),
+                              shadow_lookups=self.shadow_lookups, shadow_hits=self.shadow_hits,
+                              critical_retrieval_s=self.res.retrieval_s, retrieval_work_s=self.retrieval_work_s)
         return self.res

@@ -72,6 +72,7 @@ class _Call:
     deadline: float | None  # time.monotonic() after which nobody waits for it
     cancelled: threading.Event | None  # set when the caller has gone
     order: int
+    submitted: float = 0.0  # the scheduler's clock at submit (its queue wait ends when it starts running)
     feed: Feed | None = None  # what it needs next (None: not started)
 
 
@@ -90,8 +91,13 @@ class Scheduler:
     """The replica's one model thread. `submit` from any thread; results arrive on the returned futures."""
 
     def __init__(self, lm: LoadedLM, limits: BatchLimits, kv_held: Callable[[], int],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *,
+                 on_forward: Callable[[int, int, float], None] | None = None,
+                 on_start: Callable[[float], None] | None = None) -> None:
+        """Hooks (the service's metrics; called on the model thread): `on_forward(rows, tokens, seconds)` after each
+        forward, `on_start(waited_s)` when a call leaves the queue to run."""
         self.lm, self.limits, self.kv_held, self.clock = lm, limits, kv_held, clock
+        self.on_forward, self.on_start = on_forward, on_start
         self.stats = BatchStats()
         self._waiting: deque[_Call] = deque()
         self._running: list[_Call] = []
@@ -123,7 +129,7 @@ class Scheduler:
                                  f"promised of {self.limits.kv_budget_tokens}, this call needs {kv_need}; close idle "
                                  f"sessions or retry in ~{self._hint_s():.1f} s")
             self._reserved += kv_need
-            self._waiting.append(_Call(key, work, fut, kv_need, deadline, cancelled, next(self._order)))
+            self._waiting.append(_Call(key, work, fut, kv_need, deadline, cancelled, next(self._order), self.clock()))
             self._cond.notify()
         return fut
 
@@ -175,6 +181,8 @@ class Scheduler:
             busy.add(call.key)
             self._running.append(call)
             started.append(call)
+            if self.on_start is not None:
+                self.on_start(self.clock() - call.submitted)
         return started
 
     def _advance(self, call: _Call, fed: Fed | None) -> None:
@@ -229,9 +237,12 @@ class Scheduler:
                         results.append(one)
         dt = time.perf_counter() - t
         st = self.stats
+        fed = sum(len(c.feed.tokens) for c in calls if c.feed is not None)
         st.forwards += 1
         st.rows += len(calls)
-        st.tokens += sum(len(c.feed.tokens) for c in calls if c.feed is not None)
+        st.tokens += fed
+        if self.on_forward is not None:
+            self.on_forward(len(calls), fed, dt)
         st.busy_s += dt
         st.step_s = 0.9 * st.step_s + 0.1 * dt
         for call, res in zip(calls, results):

@@ -34,6 +34,8 @@ class Emitted:
     forwards: int = 0  # model forward calls spent
     fed: int = 0  # tokens pushed through the model (prefill + decode)
     stopped: bool = False  # a stop token was emitted (it is included in tokens)
+    drafted: int = 0  # REST: draft tree nodes proposed to the LM
+    draft_accepted: int = 0  # REST: emitted tokens that were draft nodes (each verification adds one token anyway)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -10,6 +10,7 @@ import asyncio
 
 from ralmspec.v1 import lm_pb2 as pb
 
+from services.common import metrics
 from services.common.contracts import LM
 from services.common.errors import InvalidRequest
 from services.common.ops import Call, ServiceDef
@@ -25,8 +26,20 @@ def _sid(session_id: str) -> str:
     return session_id
 
 
+def stats_reply(engine: LmEngine, batch: Scheduler) -> pb.StatsReply:
+    """The replica's counters: the Stats RPC's reply, and what its metrics endpoint reads at each scrape."""
+    st, lim, px = batch.stats, batch.limits, engine.prefixes
+    return pb.StatsReply(forwards=st.forwards, rows=st.rows, tokens=st.tokens, refused=st.refused,
+                         expired=st.expired, sessions=len(engine.sessions), kv_tokens=engine.kv_held(),
+                         queued=batch.queued, max_batch_seqs=lim.max_batch_seqs,
+                         max_batch_tokens=lim.max_batch_tokens, busy_s=st.busy_s,
+                         prefix_hits=px.stats.hits, prefix_misses=px.stats.misses,
+                         prefix_tokens_reused=px.stats.tokens_reused, prefix_cached_tokens=px.held)
+
+
 def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Scheduler]:
-    batch = Scheduler(engine.lm, engine.settings.batch, engine.kv_held)
+    batch = Scheduler(engine.lm, engine.settings.batch, engine.kv_held, on_forward=metrics.observe_forward,
+                      on_start=metrics.LM_QUEUE_WAIT.observe)
 
     async def open_session(req: pb.OpenSessionRequest) -> pb.OpenSessionReply:
         return pb.OpenSessionReply(session_id=engine.open(), replica_stream=replica_stream)
@@ -41,6 +54,7 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Sched
                                 req.prefix_tokens)
         need = engine.kv_need(sid, seq, req.max_new_tokens, 0 if tree is None else len(tree.tokens))
         e = await asyncio.wrap_future(batch.submit(sid, work, need, call.deadline, call.cancelled))
+        metrics.LM_GENERATED.inc(len(e.tokens))
         return pb.StepReply(tokens=e.tokens, gaps=e.gaps, stopped=e.stopped, forwards=e.forwards, fed=e.fed)
 
     async def state(req: pb.StateRequest, call: Call) -> pb.StateReply:
@@ -55,12 +69,6 @@ def lm_service(engine: LmEngine, replica_stream: str) -> tuple[ServiceDef, Sched
         return pb.CloseSessionReply(existed=engine.close(_sid(req.session_id)))
 
     async def stats(req: pb.StatsRequest) -> pb.StatsReply:
-        st, lim, px = batch.stats, batch.limits, engine.prefixes
-        return pb.StatsReply(forwards=st.forwards, rows=st.rows, tokens=st.tokens, refused=st.refused,
-                             expired=st.expired, sessions=len(engine.sessions), kv_tokens=engine.kv_held(),
-                             queued=batch.queued, max_batch_seqs=lim.max_batch_seqs,
-                             max_batch_tokens=lim.max_batch_tokens, busy_s=st.busy_s,
-                             prefix_hits=px.stats.hits, prefix_misses=px.stats.misses,
-                             prefix_tokens_reused=px.stats.tokens_reused, prefix_cached_tokens=px.held)
+        return stats_reply(engine, batch)
 
     return LM.bind(OpenSession=open_session, Step=step, State=state, CloseSession=close_session, Stats=stats), batch

@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 from ralmspec.v1 import retriever_pb2 as pb
 
+from services.common import metrics
 from services.common.contracts import RETRIEVER
 from services.common.errors import InvalidRequest, Unavailable
 from services.common.ops import ServiceDef
@@ -73,16 +74,27 @@ def retriever_service(retrievers: Mapping[str, Retriever], knn: KnnDatastore | N
     async def run(fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
+    async def run_search(index: str, n: int, fn: Callable[[], T]) -> T:
+        """One index call of `n` queries on the pool, timed there (its queueing is not search time)."""
+        def timed() -> T:
+            t = time.perf_counter()
+            out = fn()
+            metrics.observe_search(metrics.RETRIEVER_BATCH, metrics.RETRIEVER_SECONDS, index, n,
+                                   time.perf_counter() - t)
+            return out
+
+        return await run(timed)
+
     async def search_batch(group: tuple[str, int], keys: list[QueryKey]) -> list[list[Hit]]:
         name, k = group
         ret = retrievers[name]
-        return await run(lambda: ret.search_embedded(keys, k))
+        return await run_search(name, len(keys), lambda: ret.search_embedded(keys, k))
 
     async def search_knn_batch(group: tuple[str, int], queries: list[np.ndarray]) -> list[Neighbours]:
         index, k = group
         ds = knn
         assert ds is not None  # knn_queries refused the call otherwise
-        return await run(lambda: ds.neighbours(np.stack(queries), k, index))
+        return await run_search(f"knn-{index}", len(queries), lambda: ds.neighbours(np.stack(queries), k, index))
 
     # a call that finds a pool thread free for its group runs alone; those that find all busy share the next one
     searches = Coalescer(search_batch, settings.coalesce, slots=settings.threads)

@@ -21,7 +21,7 @@ from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import retriever_pb2 as rpb
 from ralmspec.v1 import verifier_pb2 as pb
 
-from services.common import env
+from services.common import env, metrics
 from services.common.contracts import RETRIEVER, VERIFIER
 from services.common.errors import InvalidRequest
 from services.common.ops import Operation, ServiceDef
@@ -83,6 +83,7 @@ def verifier_service(retriever: Caller, settings: VerifierSettings = VerifierSet
                                      rpb.SearchRequest(retriever=retriever_kind(name), keys=keys, k=k),
                                      timeout_s=settings.timeout_s)
         assert isinstance(reply, rpb.SearchReply)
+        metrics.observe_search(metrics.VERIFIER_BATCH, metrics.VERIFIER_SECONDS, name, len(keys), reply.search_s)
         return [(r, reply.search_s) for r in reply.results]
 
     async def search_knn_batch(group: tuple[str, int, int], queries: list[bytes]
@@ -92,6 +93,8 @@ def verifier_service(retriever: Caller, settings: VerifierSettings = VerifierSet
                                      rpb.SearchKnnRequest(queries=queries, k=k, index=knn_index(name)),
                                      timeout_s=settings.timeout_s)
         assert isinstance(reply, rpb.SearchKnnReply)
+        metrics.observe_search(metrics.VERIFIER_BATCH, metrics.VERIFIER_SECONDS, f"knn-{name}", len(queries),
+                               reply.search_s)
         return [(r, reply.search_s) for r in reply.results]
 
     # A window, not slots: the verifier cannot see the retriever tier's threads, and a round must never wait

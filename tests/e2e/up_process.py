@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -20,6 +20,16 @@ class Up:
     gateway: str  # host:port
     pids: list[int]  # the five services', then redis-server's
     logs: dict[str, Path]  # replica name (e.g. "lm-0-<pid>") -> its log file
+    metrics: dict[str, str] = field(default_factory=dict)  # replica name -> its Prometheus endpoint (URL)
+    addresses: dict[str, str] = field(default_factory=dict)  # replica name -> its gRPC host:port
+
+    def grpc_of(self, service: str) -> str:
+        """The gRPC address of `service`'s (first) replica."""
+        return next(a for replica, a in sorted(self.addresses.items()) if replica.startswith(f"{service}-"))
+
+    def metrics_of(self, service: str) -> str:
+        """The /metrics URL of `service`'s (first) replica."""
+        return next(url for replica, url in sorted(self.metrics.items()) if replica.startswith(f"{service}-"))
 
     def log_of(self, service: str) -> Path:
         """The log file of `service`'s (first) replica."""
@@ -79,5 +89,7 @@ def start_up(extra_env: Mapping[str, str] | None = None) -> Up:
     redis_pids = subprocess.run(["pgrep", "-f", f"redis-server .*:{port[1]}"], capture_output=True,
                                 text=True).stdout.split()
     assert redis_pids
+    served = re.findall(r"^\s+(\S+)\s+(\S+)\s+metrics (http://\S+)", out, re.MULTILINE)
     return Up(proc, gateway[1], [int(pid) for _, pid, _ in children] + [int(p) for p in redis_pids],
-              {replica: Path(log) for replica, _, log in children})
+              {replica: Path(log) for replica, _, log in children}, {r: url for r, _, url in served},
+              {r: address for r, address, _ in served})

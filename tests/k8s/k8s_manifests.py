@@ -20,7 +20,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu", "gpu", "cpu-hpa")  # cpu and gpu: KEDA; cpu-hpa: the plain-HPA alternative
+OVERLAYS = ("cpu", "gpu", "cpu-hpa", "cpu-monitoring")  # cpu and gpu: KEDA; cpu-hpa: the plain-HPA alternative;
+# cpu-monitoring: cpu plus the Prometheus Operator's PodMonitor and the Grafana dashboard
+# Custom resources' API groups -> the hand-written subset of their CRD schemas they are validated against.
+CRD_SCHEMAS = {"keda.sh": "keda_schema.yaml", "monitoring.coreos.com": "monitoring_schema.yaml"}
 K8S_VERSION = "1.37.0"  # the OpenAPI schemas objects are validated against (kubernetes-validate's pinned release)
 IMAGE = "ralmspec"  # the repository name of our image (both tags); every other image is not ours (Redis)
 
@@ -182,24 +185,25 @@ def broken(objs: list[Obj]) -> list[Obj]:
 
 
 @functools.cache
-def _keda_validators() -> dict[str, Any]:
+def _crd_validators(group: str) -> dict[str, Any]:
     import jsonschema
 
-    schema = yaml.safe_load((Path(__file__).parent / "keda_schema.yaml").read_text())
+    schema = yaml.safe_load((Path(__file__).parent / CRD_SCHEMAS[group]).read_text())
     return {kind: jsonschema.Draft202012Validator({**s, "definitions": schema["definitions"]})
             for kind, s in schema["kinds"].items()}
 
 
 def validate(obj: Obj) -> list[str]:
     """Errors of one object: Kubernetes kinds against the pinned OpenAPI schema (strict: unknown fields are
-    errors), KEDA's against keda_schema.yaml; empty when valid."""
+    errors), custom resources against their group's schema subset (CRD_SCHEMAS); empty when valid."""
     import kubernetes_validate
 
     kind, name = obj.get("kind"), obj.get("metadata", {}).get("name")
-    if str(obj.get("apiVersion", "")).startswith("keda.sh/"):
-        validator = _keda_validators().get(str(kind))
+    group = str(obj.get("apiVersion", "")).partition("/")[0]
+    if group in CRD_SCHEMAS:
+        validator = _crd_validators(group).get(str(kind))
         if validator is None:
-            return [f"{kind}/{name}: no KEDA schema for this kind"]
+            return [f"{kind}/{name}: no {CRD_SCHEMAS[group]} schema for this kind"]
         errors = [f"{kind}/{name}: {'.'.join(map(str, e.absolute_path))}: {e.message}"
                   for e in validator.iter_errors(obj)]
         spec = obj.get("spec", {})

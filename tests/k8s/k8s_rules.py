@@ -195,6 +195,52 @@ def keda(objs: list[Obj]) -> list[str]:
     return bad
 
 
+def metrics_port(objs: list[Obj]) -> list[str]:
+    """Each server's Prometheus port (RALMSPEC_METRICS_PORT, not 0) is a containerPort named `metrics`, its pod
+    template's prometheus.io annotations name that port and /metrics, a NetworkPolicy lets scrapers reach it, and a
+    PodMonitor (when the overlay has one) selects every server and scrapes the `metrics` port's /metrics."""
+    bad = []
+    monitors = of_kind(objs, "PodMonitor")
+    for name, c in servers(objs).items():
+        port = int(_pod_env(objs, name).get(env.METRICS_PORT.name, env.METRICS_PORT.default))
+        if port == 0:
+            bad.append(f"Deployment/{name}: serves metrics on a random port ({env.METRICS_PORT.name}=0)")
+            continue
+        named_port = [p for p in c.spec.get("ports", []) if p.get("name") == "metrics"]
+        if [p["containerPort"] for p in named_port] != [port]:
+            bad.append(f"Deployment/{name}: serves metrics on {port}, its `metrics` containerPort is {named_port}")
+        template = c.owner["spec"]["template"]["metadata"]
+        notes = template.get("annotations", {})
+        want = {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+        if {k: notes.get(k) for k in want} != want:
+            bad.append(f"Deployment/{name}: pod annotations {notes}, want {want}")
+        labels = template["labels"]
+        if not any(selects(p["spec"]["podSelector"], labels) and any(
+                q.get("port") in ("metrics", port) for rule in p["spec"].get("ingress", []) if "from" not in rule
+                for q in rule.get("ports", [])) for p in of_kind(objs, "NetworkPolicy")):
+            bad.append(f"Deployment/{name}: no NetworkPolicy admits scrapers to its metrics port")
+        for m in monitors:
+            ends = m["spec"]["podMetricsEndpoints"]
+            if not selects(m["spec"]["selector"], labels):
+                bad.append(f"PodMonitor/{m['metadata']['name']}: does not select {name}'s pods")
+            elif not any(e.get("port") == "metrics" and e.get("path", "/metrics") == "/metrics" for e in ends):
+                bad.append(f"PodMonitor/{m['metadata']['name']}: scrapes {ends}, not {name}'s metrics port")
+    return bad
+
+
+def selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions) matches `labels`."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        has, value = e["key"] in labels, labels.get(e["key"])
+        ok = {"In": has and value in e.get("values", []), "NotIn": not has or value not in e.get("values", []),
+              "Exists": has, "DoesNotExist": not has}[e["operator"]]
+        if not ok:
+            return False
+    return True
+
+
 def one_user(objs: list[Obj]) -> list[str]:
     """Every ralmspec pod (the services and the assets Job) runs as one non-root user: the Job writes some assets
     owner-only (the converted model is 0600), and the services read them from the shared volume."""
@@ -214,4 +260,5 @@ def one_user(objs: list[Obj]) -> list[str]:
 RULES: dict[str, Callable[[list[Obj]], list[str]]] = {
     "env_declared": env_declared, "commands": commands, "ports": ports, "probes": probes,
     "pod_network": pod_network, "drain": drain, "redis_url": redis_url, "keda": keda, "one_user": one_user,
+    "metrics_port": metrics_port,
 }

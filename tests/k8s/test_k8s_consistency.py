@@ -94,6 +94,33 @@ def root_container(objs):
     container(objs, "gateway")["securityContext"]["runAsUser"] = 0
 
 
+def metrics_port_undeclared(objs):
+    ports = container(objs, "retriever")["ports"]
+    ports.remove(next(p for p in ports if p["name"] == "metrics"))
+
+
+def metrics_port_random(objs):
+    named(objs, "ConfigMap", "ralmspec-config")["data"]["RALMSPEC_METRICS_PORT"] = "0"
+
+
+def scrape_annotation_off(objs):
+    named(objs, "Deployment", "lm")["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] = "9090"
+
+
+def scrape_blocked(objs):
+    objs.remove(named(objs, "NetworkPolicy", "metrics-scrape"))
+
+
+def monitor_wrong_port(objs):
+    objs.append(named(render("cpu-monitoring"), "PodMonitor", "ralmspec"))
+    objs[-1]["spec"]["podMetricsEndpoints"][0]["port"] = "grpc"
+
+
+def monitor_misses_a_service(objs):
+    objs.append(named(render("cpu-monitoring"), "PodMonitor", "ralmspec"))
+    objs[-1]["spec"]["selector"]["matchExpressions"][0]["values"].remove("verifier")
+
+
 BREAKS = {
     "env_declared": [undeclared_env],
     "commands": [unknown_subcommand, bad_option, wrong_service],
@@ -104,6 +131,8 @@ BREAKS = {
     "redis_url": [redis_host_off, redis_password_off],
     "keda": [keda_wrong_stream, keda_wrong_group, keda_missing],
     "one_user": [job_user_differs, root_container],
+    "metrics_port": [metrics_port_undeclared, metrics_port_random, scrape_annotation_off, scrape_blocked,
+                     monitor_wrong_port, monitor_misses_a_service],
 }
 
 

@@ -5,7 +5,8 @@ address (a local redis-server), the gRPC port (a free one per process, since eve
 address (loopback, not every interface of this machine) and the assets volume (this checkout's tiny assets).
 The test waits on the probes' own gRPC health checks within the startup probes' budgets, sends requests through
 the gateway Service's port, and compares the tokens with `ralmspec up`. The retriever Deployment is scaled to 2
-replicas in the rendered YAML: both pods join the stream's consumer group and both serve searches."""
+replicas in the rendered YAML: both pods join the stream's consumer group and both serve searches. Each pod's
+metrics endpoint answers on the port its prometheus.io/port annotation names (mapped like the gRPC port)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from k8s_manifests import Container, Obj, named, pod_spec, render, servers
 from k8s_rules import CONSUMERS, PROBES, redis_password, served_port
+from prometheus_client.parser import text_string_to_metric_families
 from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc
 
@@ -51,6 +54,13 @@ class Pod:
 
     def tail(self) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
+
+    def calls_handled(self) -> float:
+        """The calls this pod answered, from the metrics endpoint its scrape annotation names."""
+        port = int(self.container.owner["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.ports[port]}/metrics", timeout=10).read().decode()
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "ralmspec_rpc_server_handled_total")
 
 
 @dataclass
@@ -88,6 +98,8 @@ class Pods:
         serves = served_port(e, c.argv)
         ports = {int(p["containerPort"]): free_port() for p in c.spec["ports"]}
         e[env.PORT.name] = str(ports[serves])
+        if env.METRICS_PORT.name in e:  # every pod's metrics port is 9464 too: map it like the gRPC port
+            e[env.METRICS_PORT.name] = str(ports[int(e[env.METRICS_PORT.name])])
         e[env.HOST.name] = "127.0.0.1"
         e[env.DATA.name] = str(env.data_dir())  # the volume the assets Job fills
         return e, ports
@@ -188,13 +200,14 @@ def run_cpu_overlay(workdir: Path) -> dict[str, Any]:
             generate(pods.service_address("gateway"))
         consumers = sorted(c["name"] for c in r.xinfo_consumers(stream, group))
         served = {k: int(v) for k, v in r.hgetall(counter_key("served", group)).items()}
+        handled = {pod.name: pod.calls_handled() for pod in pods.procs}
     finally:
         took = pods.stop()
     with Cluster("tiny") as cluster:
         want = generate(cluster.gateway)
     return {"tokens": got, "up_tokens": want, "identical": got == want, "processes": len(pods.procs),
             "scaled": {"deployment": name, "replicas": replicas, "consumers": consumers, "served": served},
-            "drain_s": {k: round(v, 2) for k, v in took.items()}}
+            "drain_s": {k: round(v, 2) for k, v in took.items()}, "handled": handled}
 
 
 def test_manifests_run_as_processes_and_answer_like_ralmspec_up(tmp_path):
@@ -206,5 +219,6 @@ def test_manifests_run_as_processes_and_answer_like_ralmspec_up(tmp_path):
     assert sorted(served) == run["scaled"]["consumers"] and all(n > 0 for n in served.values()), served
     assert len(run["drain_s"]) == run["processes"], "a process outlived its terminationGracePeriodSeconds"
     assert run["tokens"] == run["up_tokens"]
+    assert sorted(run["handled"]) == sorted(p for p in run["drain_s"]) and run["handled"]["gateway-0"] >= len(QUESTIONS)
     print(f"{name} replicas served {served}; drained in (s) {run['drain_s']}; tokens identical to `ralmspec up` "
           f"for {len(QUESTIONS)} questions: {run['tokens']}")

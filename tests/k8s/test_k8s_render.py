@@ -13,13 +13,14 @@ COMMON = {("Namespace", "ralmspec"), ("Secret", "ralmspec-redis"), ("ConfigMap",
           ("StatefulSet", "redis"), ("Service", "redis"), ("ServiceAccount", "redis"),
           ("PersistentVolumeClaim", "ralmspec-data"), ("Job", "ralmspec-assets"), ("ServiceAccount", "assets"),
           ("NetworkPolicy", "default-deny-ingress"), ("NetworkPolicy", "gateway-public"),
-          ("NetworkPolicy", "internal-only")}
+          ("NetworkPolicy", "internal-only"), ("NetworkPolicy", "metrics-scrape")}
 SERVICES = ("lm", "retriever", "datastore", "verifier", "gateway")
 for _s in SERVICES:
     COMMON |= {("Deployment", _s), ("Service", _s), ("ServiceAccount", _s), ("PodDisruptionBudget", _s)}
 KEDA = {("ScaledObject", s) for s in SERVICES} | {("TriggerAuthentication", "ralmspec-redis"),
                                                   ("NetworkPolicy", "redis-from-keda")}
 HPA = {("HorizontalPodAutoscaler", s) for s in SERVICES}
+MONITORING = {("PodMonitor", "ralmspec"), ("ConfigMap", "ralmspec-grafana-dashboard")}
 
 
 def test_tools_are_the_pinned_ones():
@@ -37,7 +38,8 @@ def test_every_object_validates(overlay):
     assert validated == len(objs)
 
 
-@pytest.mark.parametrize("overlay,autoscaling", [("cpu", KEDA), ("gpu", KEDA), ("cpu-hpa", HPA)])
+@pytest.mark.parametrize("overlay,autoscaling", [("cpu", KEDA), ("gpu", KEDA), ("cpu-hpa", HPA),
+                                                 ("cpu-monitoring", KEDA | MONITORING)])
 def test_objects(overlay, autoscaling):
     got = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
     assert got == COMMON | autoscaling
@@ -105,3 +107,20 @@ def test_keda_schema_rejects(brk):
     else:
         so["kind"] = "ScaledJob"
     assert validate(so) != []
+
+
+@pytest.mark.parametrize("brk", ["unknown_field", "no_endpoints", "bad_path", "bad_interval", "bad_operator"])
+def test_monitoring_schema_rejects(brk):
+    pm = named(broken(render("cpu-monitoring")), "PodMonitor", "ralmspec")
+    spec = pm["spec"]
+    if brk == "unknown_field":
+        spec["endpoints"] = spec.pop("podMetricsEndpoints")  # a ServiceMonitor's field
+    elif brk == "no_endpoints":
+        spec["podMetricsEndpoints"] = []
+    elif brk == "bad_path":
+        spec["podMetricsEndpoints"][0]["path"] = "metrics"
+    elif brk == "bad_interval":
+        spec["podMetricsEndpoints"][0]["interval"] = 15
+    else:
+        spec["selector"]["matchExpressions"][0]["operator"] = "in"
+    assert validate(pm) != []
