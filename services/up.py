@@ -62,10 +62,6 @@ class Cluster:
         """The gRPC address of each replica of `service` (e.g. every LM replica, for its Stats)."""
         return [f"127.0.0.1:{c.port}" for c in self.children if c.service == service]
 
-    def metrics_urls(self, service: str) -> list[str]:
-        """The Prometheus endpoint of each replica of `service`."""
-        return [f"http://127.0.0.1:{c.metrics_port}/metrics" for c in self.children if c.service == service]
-
     def start(self, timeout_s: float = 300.0) -> Cluster:
         if not self.redis_url:
             self.redis = LocalRedis().start()
