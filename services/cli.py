@@ -92,13 +92,16 @@ def _report(res: RalmResult, as_json: bool, fields: dict, lines: list[str], retr
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from services.common.serving import configure_process
+
+    s = configure_process(args.service, args.port, args.replica)  # before the engines' imports log anything
     from services.serve import run
 
     if args.die_with_parent:
         from services.common.process import die_with_parent
 
         die_with_parent()
-    run(args.service, args.profile, args.port, args.retrievers, args.replica)
+    run(args.service, args.profile, s, args.retrievers)
     return 0
 
 

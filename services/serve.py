@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from services.common import env, logs, metrics, otel
+from services.common import env, metrics, otel
 from services.common.contracts import LM
 from services.common.grpc_server import GATEWAY_MAX_MESSAGE_BYTES
 from services.common.serving import ServeSettings, serve
@@ -143,11 +143,8 @@ async def serve_gateway(engine: GatewaySettings, s: ServeSettings, names: Sequen
                 max_request_bytes=GATEWAY_MAX_MESSAGE_BYTES)
 
 
-def run(service: str, profile: str | None, port: int | None, retrievers: Sequence[str] | None,
-        replica: str | None) -> None:
-    s = ServeSettings.from_env(port=port, replica=replica)
-    logs.configure("INFO", "json", service=service, replica=s.replica)
-    otel.setup(service, s.replica)  # off unless asked for (RALMSPEC_OTEL, OTEL_EXPORTER_OTLP_ENDPOINT)
+def run(service: str, profile: str | None, s: ServeSettings, retrievers: Sequence[str] | None) -> None:
+    """Serve `service` with settings `s` (`serving.configure_process` made them and set up logging first)."""
     engine = GatewaySettings.from_env(profile=profile)
     names = list(retrievers or RETRIEVERS)
     mains: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {

@@ -22,9 +22,9 @@ class RequestIdFilter(logging.Filter):
     `record.request_tag` (" [<id>]" or "", for the text format). On a handler: it runs in the logging thread."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None:
-            record.request_id = tracing.current()
-        record.request_tag = f" [{record.request_id}]" if record.request_id else ""
+        rid = getattr(record, "request_id", None) or tracing.current()
+        record.request_id = rid
+        record.request_tag = f" [{rid}]" if rid else ""
         return True
 
 
@@ -73,3 +73,4 @@ def configure(default_level: str, default_format: str = "text", service: str = "
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter(service, replica) if fmt == "json" else text_formatter(service))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.captureWarnings(True)  # Python's warnings become log records too (in the same format)

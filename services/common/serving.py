@@ -13,7 +13,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
-from services.common import env, metrics
+from services.common import env, logs, metrics, otel
 from services.common.contracts import replica_stream
 from services.common.grpc_server import install_sigterm, start_server
 from services.common.ops import ServiceDef
@@ -54,6 +54,16 @@ class ServeSettings:
 
     def own_stream(self, service: ServiceDef) -> str:
         return replica_stream(service, self.replica)
+
+
+def configure_process(service: str, port: int | None = None, replica: str | None = None) -> ServeSettings:
+    """A service process's settings, its logs (RALMSPEC_LOG_FORMAT, JSON by default, each line naming the service and
+    replica) and its optional OpenTelemetry export. Called before the engines are imported, so that what they log
+    while loading is in the same format."""
+    s = ServeSettings.from_env(port=port, replica=replica)
+    logs.configure("INFO", "json", service=service, replica=s.replica)
+    otel.setup(service, s.replica)  # off unless asked for (RALMSPEC_OTEL, OTEL_EXPORTER_OTLP_ENDPOINT)
+    return s
 
 
 async def serve(service: ServiceDef, s: ServeSettings, *, pinned: bool = False, streams: bool = True,

@@ -190,6 +190,7 @@ def test_configure_picks_the_format(monkeypatch: pytest.MonkeyPatch) -> None:
         assert not isinstance(root.handlers[0].formatter, logs.JsonFormatter)
     finally:
         root.handlers[:], root.level = saved
+        logging.captureWarnings(False)
 
 
 def test_call_log_is_info_once_per_request_then_debug(caplog: pytest.LogCaptureFixture) -> None:
