@@ -41,6 +41,10 @@ def vector_from_bytes(data: bytes, dim: int | None, what: str) -> np.ndarray:
     v = np.frombuffer(data, dtype="<f4").astype(np.float32)
     if not np.isfinite(v).all():
         raise InvalidRequest(f"{what} holds NaN or infinite values")
+    with np.errstate(over="ignore"):  # float32, as FAISS computes distances: they would overflow to inf
+        square = np.dot(v, v)
+    if not np.isfinite(square):
+        raise InvalidRequest(f"{what} has values too large: its squared norm overflows float32")
     return v
 
 

@@ -4,25 +4,18 @@ calls are the overload refusals the open loop may provoke."""
 
 from __future__ import annotations
 
-import importlib
 import json
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 ROW = {"workload": str, "mode": str, "batching": bool, "concurrency": int, "tokens_per_s": float,
        "requests_per_s": float, "p50_s": float, "p99_s": float, "ttft_p50_s": float, "identical": bool}
 
 
-def test_quick_load(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is not an installed package
-    results_io = importlib.import_module("bench.results_io")
-    load = importlib.import_module("bench.load")
-    monkeypatch.setattr(results_io, "RESULTS", tmp_path)  # keep the committed results as they are
-    load.main(["--quick"])
+def test_quick_load(tmp_path, bench_module):
+    bench_module("load").main(["--quick"])
     data = json.loads((tmp_path / "load_quick.json").read_text())
     assert (tmp_path / "load_quick.md").exists()
     for key in ("speedup_at_8", "p99_at_8_over_alone", "speedup_at_16", "knn_speedup_at_8"):
