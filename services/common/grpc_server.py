@@ -55,6 +55,12 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     raise exc  # unreachable: abort always raises
 
 
+def _record(calls: tracing.CallLog, method: str, service: str, op: str, code: str, started: float) -> None:
+    """A finished call, in the log and the metrics."""
+    calls.done(method, code, started)
+    metrics.observe_rpc("grpc", service, op, code, started)
+
+
 def _call_of(context: grpc.aio.ServicerContext) -> Call:
     left = context.time_remaining()
     return Call() if left is None else Call.expiring_in(left, f"the client's {left:.1f} s deadline")
@@ -81,21 +87,23 @@ def _unary(method: str, op: Operation, calls: tracing.CallLog) -> Callable[[byte
     service = method.split("/")[1]  # "/<full service name>/<op>"
 
     async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> Message:
-        call, started, code = _call_of(context), time.perf_counter(), OK
+        call, started = _call_of(context), time.perf_counter()
+        code: str | None = OK  # None once recorded
         try:
             parent = await _bind_request_id(context)
             with otel.span(method, "server", parent):
                 return await op.unary(op.parse(body), call)
         except Exception as exc:
-            code = status_of(exc)[0]
+            _record(calls, method, service, op.name, status_of(exc)[0], started)
+            code = None  # recorded: before the status reaches the client, so a client that saw it sees the count
             await _abort(context, method, exc)
         except asyncio.CancelledError:  # the client cancelled or its deadline passed: the call stays cancelled
             call.cancelled.set()
             code = CANCELLED
             raise
         finally:
-            calls.done(method, code, started)
-            metrics.observe_rpc("grpc", service, op.name, code, started)
+            if code is not None:
+                _record(calls, method, service, op.name, code, started)
 
     return rpc
 
@@ -105,7 +113,8 @@ def _server_stream(method: str, op: Operation, calls: tracing.CallLog) -> Callab
     service = method.split("/")[1]
 
     async def rpc(body: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Message]:
-        call, started, code = _call_of(context), time.perf_counter(), OK
+        call, started = _call_of(context), time.perf_counter()
+        code: str | None = OK  # None once recorded
         try:
             parent = await _bind_request_id(context)
             with otel.span(method, "server", parent):
@@ -113,15 +122,16 @@ def _server_stream(method: str, op: Operation, calls: tracing.CallLog) -> Callab
                     async for reply in replies:
                         yield reply
         except Exception as exc:  # replies already sent stand; the status ends the stream
-            code = status_of(exc)[0]
+            _record(calls, method, service, op.name, status_of(exc)[0], started)
+            code = None  # recorded, before the status goes out
             await _abort(context, method, exc)
         except (asyncio.CancelledError, GeneratorExit):  # cancelled, past its deadline, or no longer read
             call.cancelled.set()
             code = CANCELLED
             raise
         finally:
-            calls.done(method, code, started)
-            metrics.observe_rpc("grpc", service, op.name, code, started)
+            if code is not None:
+                _record(calls, method, service, op.name, code, started)
 
     return rpc
 

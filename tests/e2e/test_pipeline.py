@@ -98,7 +98,10 @@ def test_distributed_tokens_equal_in_process(stub, controller, engine, questions
         assert list(remote.token_ids) == local.tokens, req
         assert remote.text == local.text
         assert [p.passage_id for p in remote.passages] == list(dict.fromkeys(d for d in local.doc_ids if d >= 0))
-        assert remote.stats.rollbacks == local.stats.get("rollbacks", 0)
+        if req.speculation.HasField("os3") and not req.speculation.os3:
+            # fixed strides: the same guesses, so the same rollbacks. With OS³ on, a stride follows the measured
+            # step and verification times, which differ in process and across services (only tokens must agree).
+            assert remote.stats.rollbacks == local.stats.get("rollbacks", 0)
         rollbacks += remote.stats.rollbacks
     assert rollbacks > 0  # speculation really guessed wrong somewhere, and the pipeline rolled back
 
