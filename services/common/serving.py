@@ -17,7 +17,8 @@ from services.common import env, logs, metrics, otel
 from services.common.contracts import replica_stream
 from services.common.grpc_server import install_sigterm, start_server
 from services.common.ops import ServiceDef
-from services.common.transport import StreamWorker, sync_connect
+from services.common.redis_conn import sync_connect
+from services.common.transport import StreamWorker
 
 log = logging.getLogger(__name__)
 

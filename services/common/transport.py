@@ -28,10 +28,7 @@ crashed its replica, or never got its reply written, on every try) is not run ag
 fields plus `dead_from`, `dead_entry` and `deliveries`, to the dead-letter stream "<stream>:dead"
 (`dead_letter_stream`), answers its caller INTERNAL, and acks it.
 
-Redis with failover: a `redis+sentinel://[:password@]host:port[,host:port...]/<primary>[/<db>]` URL connects
-through Redis Sentinel to the current primary. Then every write (a request, a reply with its ack) is retried through
-a failover and followed, on its connection, by WAIT for one replica, so a primary that dies after acknowledging a
-write has already passed it on: no request is lost (tests/k8s/test_k8s_redis_sentinel.py).
+Redis with failover (`redis+sentinel://` URLs): connections and the write policy live in `redis_conn.py`.
 """
 
 from __future__ import annotations
@@ -41,20 +38,12 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import unquote
 
-import redis
-import redis.asyncio as aioredis
 from google.protobuf.message import Message
 from redis.asyncio.client import Pipeline
-from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import BusyLoadingError, MasterDownError, ReadOnlyError, RedisError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.sentinel import Sentinel as SyncSentinel
+from redis.exceptions import RedisError, ResponseError
 
 from services.common import metrics, otel, tracing
 from services.common.errors import DeadlineExceeded, InvalidRequest, Overloaded, Unavailable
@@ -69,19 +58,13 @@ from services.common.ops import (
     error_of,
     status_of,
 )
+from services.common.redis_conn import Failover, connect, write
 
 log = logging.getLogger(__name__)
 
 REPLY_TTL_S = 3600  # an abandoned reply stream (its caller died) vanishes an hour after its last reply
 RETRY_S = 1.0  # pause after a Redis error before reading again
 CLIENT_CONNECTIONS = 64  # a client's pool: its reply reader + concurrent XADDs (more wait for a free one)
-SENTINEL_SCHEME = "redis+sentinel"
-# What a Sentinel failover looks like to a writer while a replica is promoted: the write is retried.
-FAILOVER_ERRORS = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, BusyLoadingError, MasterDownError)
-FAILOVER_RETRY_S = 0.25  # pause between retries of a write during a failover
-FAILOVER_MAX_S = 60.0  # a worker gives up writing a reply after this (its entry stays pending: claimed later)
-WAIT_REPLICA_MS = 1000  # how long a write waits for one replica to hold it
-DEGRADED_S = 10.0  # after a WAIT no replica answered, writes skip WAIT this long
 
 MAX_ENTRY_BYTES = 64 * 1024 * 1024  # a request body past this is refused (INVALID_ARGUMENT), as gRPC's limit does
 Fields = dict[bytes, bytes]
@@ -102,84 +85,6 @@ def counter_key(counter: str, group: str) -> str:
 
 def dead_letter_stream(stream: str) -> str:
     return f"{stream}:dead"
-
-
-def sentinel_address(url: str) -> tuple[list[tuple[str, int]], str, str | None, int] | None:
-    """(sentinels, primary name, password, db) of a `redis+sentinel://` URL; None for any other URL. The password
-    is both the sentinels' and the data nodes'."""
-    scheme, _, rest = url.partition("://")
-    if scheme != SENTINEL_SCHEME:
-        return None
-    netloc, _, path = rest.partition("/")
-    auth, _, hosts = netloc.rpartition("@")
-    password = unquote(auth.partition(":")[2]) or None
-    nodes = [(h.partition(":")[0], int(h.partition(":")[2] or 26379)) for h in hosts.split(",") if h]
-    name, _, db = path.partition("/")
-    if not nodes or not name:
-        raise ValueError(f"{url!r}: want {SENTINEL_SCHEME}://[:password@]host:port[,host:port...]/<primary>[/<db>]")
-    return nodes, name, password, int(db or 0)
-
-
-def _connect(url: str, max_connections: int) -> aioredis.Redis:
-    sentinel = sentinel_address(url)
-    if sentinel is not None:  # connections follow the primary: each new one asks the sentinels where it is
-        nodes, name, password, db = sentinel
-        auth = {"password": password} if password else {}
-        return Sentinel(nodes, sentinel_kwargs={**auth, "socket_connect_timeout": 2}, socket_connect_timeout=2,
-                        db=db, **auth).master_for(name)
-    pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=None)
-    return aioredis.Redis.from_pool(pool)
-
-
-def sync_connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
-    """A synchronous client of the same Redis (or Sentinel primary), for readers off the event loop: the metrics
-    endpoint's XINFO GROUPS at scrape time. Short timeouts: a scrape never hangs on Redis."""
-    sentinel = sentinel_address(url)
-    if sentinel is not None:
-        nodes, name, password, db = sentinel
-        auth = {"password": password} if password else {}
-        return SyncSentinel(nodes, sentinel_kwargs={**auth, "socket_connect_timeout": timeout_s},
-                            socket_connect_timeout=timeout_s, socket_timeout=timeout_s, db=db,
-                            **auth).master_for(name)
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
-
-
-@dataclass
-class Failover:
-    """A Sentinel client's write policy: retry through a failover, WAIT for a replica. While no replica answers
-    (one was lost and not yet replaced) writes skip WAIT for `DEGRADED_S`, so they don't each wait its timeout."""
-
-    degraded_until: float = 0.0
-
-    @staticmethod
-    def of(url: str) -> Failover | None:
-        return Failover() if sentinel_address(url) is not None else None
-
-
-async def _write(redis: aioredis.Redis, fill: Callable[[Pipeline], object], failover: Failover | None,
-                 max_s: float = FAILOVER_MAX_S) -> None:
-    """Send the commands `fill` queues, in one round trip. With failover (Sentinel): retry through a failover, and
-    WAIT on the same connection until a replica holds them (a lone primary is logged, not refused)."""
-    end = time.monotonic() + max_s
-    while True:
-        pipe = redis.pipeline(transaction=False)
-        fill(pipe)
-        wait = failover is not None and time.monotonic() >= failover.degraded_until
-        if wait:
-            pipe.execute_command("WAIT", 1, WAIT_REPLICA_MS)
-        try:
-            got = await pipe.execute()
-        except FAILOVER_ERRORS as e:
-            if failover is None or time.monotonic() > end:
-                raise
-            log.warning("redis write failed (failover?), retrying in %.2f s: %s", FAILOVER_RETRY_S, e)
-            await asyncio.sleep(FAILOVER_RETRY_S)
-            continue
-        if failover is not None and wait and got[-1] < 1:
-            failover.degraded_until = time.monotonic() + DEGRADED_S
-            log.warning("no replica acknowledged a write within %d ms: writes are not safe from a failover (next "
-                        "check in %.0f s)", WAIT_REPLICA_MS, DEGRADED_S)
-        return
 
 
 def _parent(fields: Fields) -> dict[str, str]:
@@ -213,7 +118,7 @@ class StreamWorker:
         self.maxlen = maxlen  # approximate cap of each reply stream
         self.block_ms = block_ms  # longest XREADGROUP wait (under redis-py's 5 s socket timeout): bounds `drain`
         self.max_deliveries = max_deliveries  # past it a claimed entry is poison: dead-lettered, not run
-        self.redis = _connect(redis_url, concurrency + 4)
+        self.redis = connect(redis_url, concurrency + 4)
         self.failover = Failover.of(redis_url)  # Sentinel: replies retried through a failover, WAITed
         self.served = 0  # entries answered (any code) and acked
         self.claimed = 0  # entries taken over from idle consumers
@@ -342,7 +247,7 @@ class StreamWorker:
             pipe.xack(stream, self.group, entry_id)
             pipe.hincrby(counter_key("dead", self.group), self.consumer, 1)
 
-        await _write(self.redis, move, self.failover)
+        await write(self.redis, move, self.failover)
         self.dead += 1
         log.error("worker %s: %s %s (%s) dead-lettered to %s after %d deliveries", self.consumer, stream,
                   entry_id.decode(errors="replace"), op, dead, deliveries - 1,
@@ -378,7 +283,7 @@ class StreamWorker:
                     pipe.xack(stream, self.group, entry_id)
                     pipe.hincrby(counter_key("served", self.group), self.consumer, 1)  # who served what, everywhere
 
-                await _write(self.redis, reply, self.failover)
+                await write(self.redis, reply, self.failover)
                 self.served += 1
         except Exception:  # unacked: another consumer (or our own claim) retries it after claim_idle_ms
             log.exception("worker %s: could not answer %s %s", self.consumer, stream, entry_id)
@@ -423,7 +328,7 @@ class StreamClient:
 
     def __init__(self, redis_url: str, *, name: str = "client", maxlen: int = 10_000,
                  default_timeout_s: float = 60.0, max_pending: int = 1024, block_ms: int = 1000) -> None:
-        self.redis = _connect(redis_url, CLIENT_CONNECTIONS)
+        self.redis = connect(redis_url, CLIENT_CONNECTIONS)
         self.failover = Failover.of(redis_url)  # Sentinel: requests retried through a failover, WAITed
         self.name = name  # this client's name in the counters (`counter_key`)
         self.reply_stream = f"ralmspec:reply:{name}:{uuid.uuid4().hex}"
@@ -482,7 +387,7 @@ class StreamClient:
         end = loop.time() + timeout
         try:
             async with asyncio.timeout_at(end):
-                await _write(self.redis, lambda pipe: pipe.xadd(stream, fields, maxlen=self.maxlen, approximate=True),
+                await write(self.redis, lambda pipe: pipe.xadd(stream, fields, maxlen=self.maxlen, approximate=True),
                              self.failover, timeout)
             # asyncio.wait, not a cancelling timeout: the deadline holds even if the XADD swallowed its cancel
             await asyncio.wait({future}, timeout=max(0.0, end - loop.time()))

@@ -19,8 +19,8 @@ from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc
 
 from services.common.process import DIE_WITH_PARENT
+from services.common.redis_conn import sentinel_address
 from services.common.redis_server import free_port, redis_binary
-from services.common.transport import sentinel_address
 from services.up import Cluster
 
 PASSWORD = "sentinel-test-pw"
