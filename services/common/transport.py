@@ -224,6 +224,19 @@ class StreamWorker:
                 if cursor in (b"0-0", "0-0"):
                     break
 
+    def _reply_and_ack(self, pipe: Pipeline, stream: str, entry_id: bytes, fields: Fields, answer: Reply,
+                       counter: str) -> None:
+        """Queue on `pipe` the entry's reply (when it names a reply stream), its ack, and this consumer's count of
+        `counter` ("served" or "dead": who did what, everywhere)."""
+        reply_to = fields.get(b"reply_to")
+        if reply_to:
+            code, message, body = answer
+            pipe.xadd(reply_to, {b"id": fields.get(b"id", b""), b"code": code, b"message": message, b"body": body},
+                      maxlen=self.maxlen, approximate=True)
+            pipe.expire(reply_to, REPLY_TTL_S)
+        pipe.xack(stream, self.group, entry_id)
+        pipe.hincrby(counter_key(counter, self.group), self.consumer, 1)
+
     async def _dead_letter_if_poison(self, stream: str, entry_id: bytes, fields: Fields) -> bool:
         """Move the just-claimed entry to the dead-letter stream when it was delivered more than `max_deliveries`
         times, answering its caller INTERNAL; True when it did."""
@@ -232,7 +245,7 @@ class StreamWorker:
         if deliveries <= self.max_deliveries:
             return False
         dead = dead_letter_stream(stream)
-        op, reply_to = fields.get(b"op", b"?").decode(errors="replace"), fields.get(b"reply_to")
+        op = fields.get(b"op", b"?").decode(errors="replace")
         message = (f"{self.service.full_name} {op} failed on each of its {deliveries - 1} deliveries (its replica "
                    f"crashed or could not reply): not retried; kept in the dead-letter stream {dead}")
 
@@ -240,12 +253,7 @@ class StreamWorker:
             kept: dict[Any, Any] = {**fields, b"dead_from": stream, b"dead_entry": entry_id,
                                     b"deliveries": deliveries - 1}
             pipe.xadd(dead, kept, maxlen=self.maxlen, approximate=True)
-            if reply_to:
-                pipe.xadd(reply_to, {b"id": fields.get(b"id", b""), b"code": INTERNAL, b"message": message,
-                                     b"body": b""}, maxlen=self.maxlen, approximate=True)
-                pipe.expire(reply_to, REPLY_TTL_S)
-            pipe.xack(stream, self.group, entry_id)
-            pipe.hincrby(counter_key("dead", self.group), self.consumer, 1)
+            self._reply_and_ack(pipe, stream, entry_id, fields, (INTERNAL, message, b""), "dead")
 
         await write(self.redis, move, self.failover)
         self.dead += 1
@@ -270,20 +278,12 @@ class StreamWorker:
                     code, message, body = await self._answer(fields)
                 self._calls.done(method, code, started)
                 metrics.observe_rpc("stream", self.service.full_name, self._op_label(fields), code, started)
-                reply_to, cid = fields.get(b"reply_to"), fields.get(b"id", b"")
-                if not reply_to:
+                if not fields.get(b"reply_to"):
                     log.warning("worker %s: entry %s %s has no reply_to; acked unanswered", self.consumer, stream,
                                 entry_id)
-
-                def reply(pipe: Pipeline) -> None:
-                    if reply_to:
-                        pipe.xadd(reply_to, {b"id": cid, b"code": code, b"message": message, b"body": body},
-                                  maxlen=self.maxlen, approximate=True)
-                        pipe.expire(reply_to, REPLY_TTL_S)
-                    pipe.xack(stream, self.group, entry_id)
-                    pipe.hincrby(counter_key("served", self.group), self.consumer, 1)  # who served what, everywhere
-
-                await write(self.redis, reply, self.failover)
+                await write(self.redis, lambda pipe: self._reply_and_ack(pipe, stream, entry_id, fields,
+                                                                         (code, message, body), "served"),
+                            self.failover)
                 self.served += 1
         except Exception:  # unacked: another consumer (or our own claim) retries it after claim_idle_ms
             log.exception("worker %s: could not answer %s %s", self.consumer, stream, entry_id)
