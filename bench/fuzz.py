@@ -184,10 +184,10 @@ class Tally:
         return sum(n for c, n in self.codes.items() if c not in STREAM_OK) + self.hangs
 
 
-async def fuzz_gateway(address: str, n: int, rng: random.Random, concurrency: int = 8) -> Tally:
+async def fuzz_gateway(cluster: Cluster, n: int, rng: random.Random, concurrency: int = 8) -> Tally:
     tally, sem = Tally(), asyncio.Semaphore(concurrency)
     seeds = gateway_seeds()
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with cluster.aio_channel() as channel:  # with the API token: the requests reach validation
         call = channel.unary_unary(GATEWAY.method("Generate"))  # bytes in, bytes out
 
         async def one(body: bytes) -> None:
@@ -317,8 +317,8 @@ async def sample_rss(cluster: Cluster, peak: dict[str, float], every_s: float = 
         await asyncio.sleep(every_s)
 
 
-def probe(address: str) -> list[int]:
-    with grpc.insecure_channel(address) as ch:
+def probe(cluster: Cluster) -> list[int]:
+    with cluster.channel() as ch:
         return list(ch.unary_unary(GATEWAY.method("Generate"), response_deserializer=pb.GenerateReply.FromString)(
             PROBE.SerializeToString(), timeout=300).token_ids)
 
@@ -345,7 +345,7 @@ async def run(cluster: Cluster, requests: int, entries: int, seed: int) -> dict:
     sampler = asyncio.create_task(sample_rss(cluster, peak))
     t0 = time.perf_counter()
     try:
-        gw = await fuzz_gateway(cluster.gateway, requests, random.Random(seed))
+        gw = await fuzz_gateway(cluster, requests, random.Random(seed))
         t1 = time.perf_counter()
         st = await fuzz_streams(cluster, entries, random.Random(seed + 1))
         t2 = time.perf_counter()
@@ -376,10 +376,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     requests, entries = (1000, 1000) if args.quick else (args.requests, args.entries)
     name = args.name or ("fuzz_quick" if args.quick else "fuzz")
     with Cluster(args.profile) as cluster:
-        before = probe(cluster.gateway)
+        before = probe(cluster)
         out = asyncio.run(run(cluster, requests, entries, args.seed))
         alive = serving(cluster)
-        after = probe(cluster.gateway)
+        after = probe(cluster)
     crashes = sum(not ok for ok in alive.values())
     payload = {"profile": args.profile, "inputs_sent": out["gateway"]["sent"] + out["streams"]["sent"],
                "requests_sent": out["gateway"]["sent"], "entries_sent": out["streams"]["sent"], "crashes": crashes,

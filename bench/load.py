@@ -206,12 +206,12 @@ async def open_loop(stub: gateway_pb2_grpc.GatewayServiceStub, keys: list[Key], 
     return replies, t0, max(r.done for r in replies)
 
 
-async def lm_counters(addresses: list[str]) -> tuple[int, int, int, int] | None:
+async def lm_counters(cluster: Cluster) -> tuple[int, int, int, int] | None:
     """(forwards, rows, prefix hits, prefix misses) summed over the LM replicas' Stats; None when one does not
     answer it."""
     total = (0, 0, 0, 0)
-    for address in addresses:
-        async with grpc.aio.insecure_channel(address) as channel:
+    for address in cluster.addresses("lm"):
+        async with cluster.aio_channel(address) as channel:
             try:
                 s = await lm_pb2_grpc.LmServiceStub(channel).Stats(lm_pb2.StatsRequest(), timeout=5)
             except grpc.aio.AioRpcError:
@@ -289,7 +289,7 @@ class Bench:
         self.started = time.perf_counter()  # the budget counts from here: the clusters are up
 
     async def run(self) -> list[dict]:
-        channels = {b: grpc.aio.insecure_channel(c.gateway) for b, c in self.clusters.items()}
+        channels = {b: c.aio_channel() for b, c in self.clusters.items()}
         try:
             return await self.phases({b: gateway_pb2_grpc.GatewayServiceStub(ch) for b, ch in channels.items()})
         finally:
@@ -339,14 +339,14 @@ class Bench:
 
     async def unit(self, batching: bool, load: Awaitable[tuple[list[Reply], float, float]]) -> dict:
         """`load` (not started yet) run between two reads of the LM counters, the cluster's RSS sampled."""
-        lms = self.clusters[batching].addresses("lm")
-        before = await lm_counters(lms)
+        cluster = self.clusters[batching]
+        before = await lm_counters(cluster)
         sampler = asyncio.create_task(self.sample_rss(batching))
         try:
             replies, t0, t_end = await load
         finally:
             sampler.cancel()
-        return measure(replies, t0, t_end, self.alone, before, await lm_counters(lms))
+        return measure(replies, t0, t_end, self.alone, before, await lm_counters(cluster))
 
     async def sample_rss(self, batching: bool, every_s: float = 0.5) -> None:
         """Keep the largest resident set of each service's processes (MB, per replica) while a unit runs."""

@@ -15,7 +15,6 @@ import asyncio
 import statistics
 import time
 
-import grpc
 import numpy as np
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
@@ -82,7 +81,7 @@ def main() -> None:
     engine = open_engine(settings)
     knn = None if args.no_knn else open_knnlm(settings, engine.backends.lm)  # type: ignore[arg-type]
     controller = Controller(engine, knn=knn)
-    with Cluster(args.profile) as cluster, grpc.insecure_channel(cluster.gateway) as channel:
+    with Cluster(args.profile) as cluster, cluster.channel() as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         stub.Generate(reqs[0][2], timeout=600)  # warm up both runtimes
         controller.run(to_request(reqs[0][2]))

@@ -59,7 +59,7 @@ def main() -> None:
         print(f"gateway on {cluster.gateway} after {time.monotonic() - t:.0f} s; "
               f"processes: {', '.join(c.replica for c in cluster.children)}\n", flush=True)
         picked = pick_questions(args.profile, args.questions)
-        with grpc.insecure_channel(cluster.gateway) as channel:
+        with cluster.channel() as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             ask(stub, picked, args.max_new_tokens)
             try:
@@ -80,7 +80,7 @@ def first_answer(t0: float, max_new_tokens: int) -> None:
     """Build `FIRST_PROFILE` (without its KNN-LM datastore) and answer one question through every service."""
     build(FIRST_PROFILE, skip=["knn"])
     print(f"{FIRST_PROFILE} assets ready after {time.monotonic() - t0:.0f} s; starting the services...", flush=True)
-    with Cluster(FIRST_PROFILE) as cluster, grpc.insecure_channel(cluster.gateway) as channel:
+    with Cluster(FIRST_PROFILE) as cluster, cluster.channel() as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         q = pick_questions(FIRST_PROFILE, 1)[0]
         r = stub.Generate(pb.GenerateRequest(question=q.question, mode=pb.MODE_RALMSPEC,

@@ -1,5 +1,10 @@
 """`ralmspec up`: a local Redis (unless RALMSPEC_REDIS_URL is set) and every service as a child process.
 
+Secured like a deployment: unless RALMSPEC_AUTH=off, `up` generates an API token, a cluster token and the local
+Redis's password into `<data>/run/secrets-<pid>/` (mode 0600, removed on stop; token files given in
+RALMSPEC_API_TOKENS_FILE / RALMSPEC_CLUSTER_TOKEN_FILE are used instead) and prints the API token file's path,
+never a secret. `Cluster.channel` gives callers a channel that sends the right token to each service.
+
 Children get free ports, write their logs under `<data>/run/logs/`, die with this process (PR_SET_PDEATHSIG, set
 by each child itself),
 and are stopped with SIGTERM (graceful drain) on Ctrl-C, then killed if they linger: no orphans.
@@ -20,9 +25,10 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import env
+from services.common import auth, env
 from services.common.errors import Unavailable
 from services.common.redis_server import LocalRedis, free_port
+from services.common.tls import redact
 
 ORDER = ("lm", "retriever", "datastore", "verifier", "gateway")  # the gateway last: it serves the public API
 DEFAULT_REPLICAS: dict[str, int] = {name: 1 for name in ORDER}
@@ -45,6 +51,54 @@ class Child:
 
 
 @dataclass
+class Secrets:
+    """A local cluster's credentials: token files (given, or generated into `folder`) and a Redis password."""
+
+    api_tokens_file: Path | None  # None: authentication off
+    cluster_token_file: Path | None
+    redis_password: str
+    folder: Path | None = None  # generated here (removed by `remove`)
+
+    @classmethod
+    def create(cls, folder: Path, authenticate: bool) -> Secrets:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+
+        def secret_file(name: str, given: str) -> Path:
+            if given:
+                return Path(given)
+            path = folder / name
+            path.touch(mode=0o600)
+            path.write_text(auth.new_token() + "\n")
+            return path
+
+        api = secret_file("api-tokens", env.API_TOKENS_FILE.get()) if authenticate else None
+        cluster = secret_file("cluster-token", env.CLUSTER_TOKEN_FILE.get()) if authenticate else None
+        return cls(api, cluster, auth.new_token(), folder)
+
+    @property
+    def api_token(self) -> str | None:
+        return None if self.api_tokens_file is None else auth.read_tokens(self.api_tokens_file)[0]
+
+    @property
+    def cluster_token(self) -> str | None:
+        return None if self.cluster_token_file is None else auth.read_tokens(self.cluster_token_file)[0]
+
+    def env(self) -> dict[str, str]:
+        if self.api_tokens_file is None or self.cluster_token_file is None:
+            return {env.AUTH.name: "off"}
+        return {env.AUTH.name: "on", env.API_TOKENS_FILE.name: str(self.api_tokens_file),
+                env.CLUSTER_TOKEN_FILE.name: str(self.cluster_token_file)}
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            for p in self.folder.glob("*"):
+                p.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()
+
+
+@dataclass
 class Cluster:
     profile: str
     replicas: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_REPLICAS))
@@ -53,6 +107,8 @@ class Cluster:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     children: list[Child] = field(default_factory=list)
     redis: LocalRedis | None = None
+    appendonly: bool = False  # the local Redis keeps an AOF (survives `redis.restart()`)
+    secrets: Secrets | None = None
 
     @property
     def gateway(self) -> str:
@@ -62,11 +118,33 @@ class Cluster:
         """The gRPC address of each replica of `service` (e.g. every LM replica, for its Stats)."""
         return [f"127.0.0.1:{c.port}" for c in self.children if c.service == service]
 
+    def token_for(self, target: str) -> str | None:
+        """The token `target` accepts: the API token for a gateway, else the cluster token (None: auth off)."""
+        if self.secrets is None:
+            return None
+        return self.secrets.api_token if target in self.addresses("gateway") else self.secrets.cluster_token
+
+    def channel(self, target: str | None = None) -> grpc.Channel:
+        """A blocking channel to `target` (default: the gateway) that sends the token it accepts."""
+        target = target or self.gateway
+        return auth.channel(target, self.token_for(target))
+
+    def aio_channel(self, target: str | None = None) -> grpc.aio.Channel:
+        """An asyncio channel to `target` (default: the gateway) that sends the token it accepts."""
+        target = target or self.gateway
+        return auth.aio_channel(target, self.token_for(target))
+
+    @property
+    def authenticated(self) -> bool:
+        return {**os.environ, **self.extra_env}.get(env.AUTH.name, env.AUTH.default) != "off"
+
     def start(self, timeout_s: float = 300.0) -> Cluster:
+        run = env.data_dir() / "run"
+        self.secrets = Secrets.create(run / f"secrets-{os.getpid()}-{id(self):x}", self.authenticated)
         if not self.redis_url:
-            self.redis = LocalRedis().start()
+            self.redis = LocalRedis(password=self.secrets.redis_password, appendonly=self.appendonly).start()
             self.redis_url = self.redis.url
-        logs = env.data_dir() / "run" / "logs"
+        logs = run / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         try:
             for service in ORDER:
@@ -82,7 +160,8 @@ class Cluster:
         port = self.gateway_port if service == "gateway" and self.gateway_port else free_port()
         metrics_port = free_port()
         log = logs / f"{replica}.log"
-        child_env = {**os.environ, **self.extra_env, env.REDIS_URL.name: self.redis_url,
+        secrets = self.secrets.env() if self.secrets is not None else {}
+        child_env = {**os.environ, **secrets, **self.extra_env, env.REDIS_URL.name: self.redis_url,
                      env.PROFILE.name: self.profile, env.PORT.name: str(port), env.REPLICA.name: replica,
                      env.METRICS_PORT.name: str(metrics_port)}
         cmd = [sys.executable, "-m", "services.cli", "serve", service, "--die-with-parent"]
@@ -139,6 +218,8 @@ class Cluster:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+        if self.secrets is not None:
+            self.secrets.remove()
 
     def __enter__(self) -> Cluster:
         return self.start()
@@ -160,7 +241,15 @@ def up(profile: str, gateway_port: int, replicas: Mapping[str, int]) -> int:
     t = time.monotonic()
     print(f"starting {sum(replicas.values())} service processes ({profile} profile)...", flush=True)
     cluster.start()
-    print(f"redis {cluster.redis_url}", flush=True)
+    print(f"redis {redact(cluster.redis_url)}", flush=True)
+    secrets = cluster.secrets
+    if secrets is not None and secrets.api_tokens_file is not None:
+        print("authentication on (RALMSPEC_AUTH=off turns it off): calls send `authorization: Bearer <token>`",
+              flush=True)
+        print(f"  api tokens file {secrets.api_tokens_file}  (the gateway's)", flush=True)
+        print(f"  cluster token file {secrets.cluster_token_file}  (the other services')", flush=True)
+    else:
+        print("authentication off (RALMSPEC_AUTH=off): any local process may call the services", flush=True)
     for c in cluster.children:
         print(f"  {c.replica:<24} 127.0.0.1:{c.port}  metrics http://127.0.0.1:{c.metrics_port}/metrics  "
               f"pid {c.proc.pid}  log {c.log}", flush=True)

@@ -31,7 +31,9 @@ BATCH_INVARIANT = EnvVar("RALMSPEC_BATCH_INVARIANT", "1",
                          "1: an LM row's result never depends on its batch-mates (fixed kernel classes); 0: the BLAS "
                          "library's own choice, faster for one request (a lone decode 100-130 -> ~65 ms measured on an "
                          "AMD EPYC) but tokens may differ in float noise with the batch")
-REDIS_URL = EnvVar("RALMSPEC_REDIS_URL", "", "Redis URL; empty = `ralmspec up` starts a local redis-server")
+REDIS_URL = EnvVar("RALMSPEC_REDIS_URL", "", "Redis URL (redis://, rediss:// for TLS with its CA as "
+                   "?ssl_ca_certs=<path>, redis+sentinel://), with its password; empty = `ralmspec up` starts a local "
+                   "redis-server with a generated password")
 REDIS_PASSWORD = EnvVar("RALMSPEC_REDIS_PASSWORD", "",
                         "Kubernetes only: the Redis Secret's password, which the manifests splice into "
                         "RALMSPEC_REDIS_URL ($(RALMSPEC_REDIS_PASSWORD)); the code reads only the URL")
@@ -83,13 +85,27 @@ VERIFY_WINDOW_MS = EnvVar("RALMSPEC_VERIFY_WINDOW_MS", "0",
 SPEC_PAUSE_AT = EnvVar("RALMSPEC_SPEC_PAUSE_AT", "2",
                        "gateway: speculation pauses (plain steps, the baseline's) while this many requests or more "
                        "run; 0 = never (vLLM's speculative_disable_by_batch_size)")
+AUTH = EnvVar("RALMSPEC_AUTH", "on",
+              "on: every gRPC call needs a bearer token (gateway: an API token, other services: the cluster token; "
+              "health and reflection stay open); off: no authentication (say so explicitly)")
+API_TOKENS_FILE = EnvVar("RALMSPEC_API_TOKENS_FILE", "",
+                         "gateway: file of the bearer tokens clients may use, one a line (# comments); a Secret mount")
+CLUSTER_TOKEN_FILE = EnvVar("RALMSPEC_CLUSTER_TOKEN_FILE", "",
+                            "file holding the cluster token: the only token internal services accept, and the one "
+                            "ralmspec's own tools send them")
+TLS_CERT = EnvVar("RALMSPEC_TLS_CERT", "", "PEM certificate chain the gRPC server serves (empty: plaintext gRPC)")
+TLS_KEY = EnvVar("RALMSPEC_TLS_KEY", "", "PEM private key of RALMSPEC_TLS_CERT")
+TLS_CA = EnvVar("RALMSPEC_TLS_CA", "", "PEM CA bundle that verifies client certificates (with "
+                "RALMSPEC_TLS_CLIENT_AUTH=1)")
+TLS_CLIENT_AUTH = EnvVar("RALMSPEC_TLS_CLIENT_AUTH", "0",
+                         "1: mutual TLS, the gRPC server refuses clients without a certificate RALMSPEC_TLS_CA signed")
 PRESET = EnvVar("RALMSPEC_PRESET", "+PSA", "the gateway's default RaLMSpec switches: ralmspec | +P | +S | +A | +PSA")
 
 ALL = [DATA, PROFILE, MODEL, DEVICE, DTYPE, THREADS, BATCH_INVARIANT, REDIS_URL, HOST, PORT, METRICS_PORT, REPLICA,
        CONCURRENCY, CLAIM_IDLE_MS, MAX_DELIVERIES, MAXLEN, CALL_TIMEOUT_S, DRAIN_S, LM_SESSION_IDLE_S, MAX_BATCH_SEQS,
        MAX_BATCH_TOKENS, PREFILL_CHUNK, KV_BUDGET_TOKENS, PREFIX_CACHE_TOKENS, MAX_QUEUE, COALESCE_MS,
        VERIFY_WINDOW_MS, PRESET, LOG, LOG_FORMAT, OTEL, OTEL_ENDPOINT,
-       REDIS_PASSWORD]
+       REDIS_PASSWORD, AUTH, API_TOKENS_FILE, CLUSTER_TOKEN_FILE, TLS_CERT, TLS_KEY, TLS_CA, TLS_CLIENT_AUTH]
 
 
 def data_dir() -> Path:

@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import otel, tracing
+from services.common import auth, otel, tracing
 from services.common.errors import Unavailable
 from services.common.grpc_server import CHANNEL_OPTIONS
 from services.common.ops import Operation, ServiceDef, error_of
@@ -28,14 +28,16 @@ def _metadata() -> tuple[tuple[str, str], ...] | None:
 
 class GrpcClient:
     """Calls operations on `target` ("host:port"); a non-OK status raises `error_of(code, details)`. A call made
-    while serving a request (`tracing.current()`) sends its id as `x-request-id` metadata.
+    while serving a request (`tracing.current()`) sends its id as `x-request-id` metadata; every call sends `token`
+    as a bearer token (`auth.py`), over TLS when `credentials` are given (`tls.py`).
 
     Make it inside the running event loop: a grpc.aio channel belongs to the loop it was made in.
     """
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel = auth.aio_channel(target, token, credentials, options=CHANNEL_OPTIONS)
         self._calls: dict[str, Any] = {}  # method path -> multicallable, built once
 
     def _callable(self, service: ServiceDef, op: Operation) -> Any:

@@ -30,7 +30,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics, otel, tracing
+from services.common.auth import Auth, ServerAuth
 from services.common.ops import CANCELLED, INTERNAL, OK, Call, Operation, ServiceDef, status_of
+from services.common.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +173,16 @@ class GrpcServer:
 
 
 async def start_server(services: Sequence[ServiceDef], port: int, host: str = "127.0.0.1", *,
-                       max_concurrent_rpcs: int | None = None,
-                       options: Sequence[tuple[str, Any]] = ()) -> GrpcServer:
+                       max_concurrent_rpcs: int | None = None, options: Sequence[tuple[str, Any]] = (),
+                       auth: Auth | None = None, tls: Tls | None = None) -> GrpcServer:
     """Serve `services` on host:port (0: a free port) with grpc.health.v1 and server reflection; returns once bound.
 
     `max_concurrent_rpcs`: past it gRPC itself answers RESOURCE_EXHAUSTED (None: no limit).
     `options`: extra channel arguments, after (so overriding) CHANNEL_OPTIONS.
+    `auth`: the bearer tokens calls need (`auth.py`; None or off: none). `tls`: serve TLS only (None: plaintext).
     """
-    server = grpc.aio.server(handlers=[generic_handler(s) for s in services],
+    interceptors = [ServerAuth(auth)] if auth is not None and auth.on else []
+    server = grpc.aio.server(handlers=[generic_handler(s) for s in services], interceptors=interceptors,
                              options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0), *options],
                              maximum_concurrent_rpcs=max_concurrent_rpcs)
     servicer = health.aio.HealthServicer()  # serves "" as SERVING from the start
@@ -187,9 +191,13 @@ async def start_server(services: Sequence[ServiceDef], port: int, host: str = "1
     for name in names:
         await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")  # raises RuntimeError when the port is taken
+    address = f"{host}:{port}"  # add_*_port raise RuntimeError when the port is taken
+    bound = server.add_insecure_port(address) if tls is None else \
+        server.add_secure_port(address, tls.server_credentials())
     await server.start()
-    log.info("gRPC serving %s on %s:%d", ", ".join(names), host, bound)
+    log.info("gRPC serving %s on %s:%d (%s, %s)", ", ".join(names), host, bound,
+             "plaintext" if tls is None else "mutual TLS" if tls.client_auth else "TLS",
+             "bearer tokens required" if interceptors else "no authentication")
     return GrpcServer(server, servicer, bound, names)
 
 

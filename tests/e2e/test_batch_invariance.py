@@ -9,7 +9,6 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import grpc
 import pytest
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import gateway_pb2 as pb
@@ -51,13 +50,13 @@ def requests(questions) -> list[pb.GenerateRequest]:
 
 
 def lm_stats(cluster) -> lm_pb2.StatsReply:
-    with grpc.insecure_channel(cluster.addresses("lm")[0]) as ch:
+    with cluster.channel(cluster.addresses("lm")[0]) as ch:
         return lm_pb2_grpc.LmServiceStub(ch).Stats(lm_pb2.StatsRequest(), timeout=10)
 
 
 def test_requests_alone_and_all_at_once_give_the_same_tokens(cluster, questions, same_tokens):
     reqs = requests(questions)
-    with grpc.insecure_channel(cluster.gateway) as ch:
+    with cluster.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
 
         def ask(r: pb.GenerateRequest) -> Out:
@@ -78,7 +77,7 @@ def test_requests_alone_and_all_at_once_give_the_same_tokens(cluster, questions,
 
 def test_seeded_sampling_alone_and_batched(cluster, questions):
     """Sampled steps carry no gap certificate: with a seed they must be token-identical, batched or not."""
-    with grpc.insecure_channel(cluster.addresses("lm")[0]) as ch:
+    with cluster.channel(cluster.addresses("lm")[0]) as ch:
         lm = lm_pb2_grpc.LmServiceStub(ch)
 
         def sample(i: int) -> list[int]:

@@ -48,7 +48,7 @@ def gateway(backends):
 
 @pytest.fixture(scope="module")
 def stub(gateway):
-    with grpc.insecure_channel(gateway.gateway) as ch:
+    with gateway.channel() as ch:
         yield gateway_pb2_grpc.GatewayServiceStub(ch)
 
 

@@ -59,7 +59,7 @@ def scrape_all(up: Up) -> dict[str, Samples]:
 
 
 def lm_stats(up: Up) -> lm_pb2.StatsReply:
-    with grpc.insecure_channel(up.grpc_of("lm")) as ch:
+    with up.channel(up.grpc_of("lm")) as ch:
         return lm_pb2_grpc.LmServiceStub(ch).Stats(lm_pb2.StatsRequest(), timeout=30)
 
 
@@ -90,7 +90,7 @@ def test_every_endpoint_serves_its_services_families(up):
 def test_counters_move_by_what_the_requests_did(up):
     before, stats_before = scrape_all(up), lm_stats(up)
     replies = []
-    with grpc.insecure_channel(up.gateway) as ch:
+    with up.channel() as ch:
         gw = gateway_pb2_grpc.GatewayServiceStub(ch)
         # RaLMSpec at a fixed stride of 3 (OS³ off, so it speculates), prefetch on, asynchronous verification
         spec = pb.Speculation(stride=3, os3=False, prefetch=True, asynchronous=True)

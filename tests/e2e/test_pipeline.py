@@ -51,7 +51,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def channel(cluster):
-    with grpc.insecure_channel(cluster.gateway) as ch:
+    with cluster.channel() as ch:
         yield ch
 
 
@@ -221,7 +221,7 @@ NOT_PROTOBUF = (b"\xff\xff\xff", b"\x0a\x02\xff\xfe")  # corrupt wire format; a 
 def test_a_body_that_is_not_protobuf_is_invalid_argument_without_a_traceback(cluster, channel):
     children = {c.service: c for c in cluster.children}  # the gateway and one LM replica
     logged = {s: children[s].log.stat().st_size for s in ("gateway", "lm")}
-    with grpc.insecure_channel(f"127.0.0.1:{children['lm'].port}") as lm:
+    with cluster.channel(f"127.0.0.1:{children['lm'].port}") as lm:
         calls = [(channel.unary_unary("/ralmspec.v1.GatewayService/Generate"), "GenerateRequest", False),
                  (channel.unary_stream("/ralmspec.v1.GatewayService/GenerateStream"), "GenerateRequest", True),
                  (lm.unary_unary("/ralmspec.v1.LmService/Step"), "StepRequest", False)]  # identity serializers
@@ -239,7 +239,7 @@ def test_a_body_that_is_not_protobuf_is_invalid_argument_without_a_traceback(clu
 
 def test_backend_services_validate_too(cluster):
     port = {c.service: c.port for c in cluster.children}
-    with grpc.insecure_channel(f"127.0.0.1:{port['lm']}") as ch:
+    with cluster.channel(f"127.0.0.1:{port['lm']}") as ch:
         lm = lm_pb2_grpc.LmServiceStub(ch)
         with pytest.raises(grpc.RpcError) as e:
             lm.Step(lm_pb2.StepRequest(session_id="nope", tokens=[1], max_new_tokens=1))
@@ -254,7 +254,7 @@ def test_backend_services_validate_too(cluster):
         state = lm.State(lm_pb2.StateRequest(session_id=sid, tokens=[1, 2, 3]))
         assert len(state.hidden) == 4 * 576 and len(state.logits) == 4 * 49152
         assert lm.CloseSession(lm_pb2.CloseSessionRequest(session_id=sid)).existed
-    with grpc.insecure_channel(f"127.0.0.1:{port['retriever']}") as ch:
+    with cluster.channel(f"127.0.0.1:{port['retriever']}") as ch:
         rt = retriever_pb2_grpc.RetrieverServiceStub(ch)
         bad = cpb.QueryKey(vector=np.zeros(5, dtype="<f4").tobytes())
         with pytest.raises(grpc.RpcError) as e:
@@ -272,7 +272,7 @@ def test_backend_services_validate_too(cluster):
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
         found = rt.SearchKnn(retriever_pb2.SearchKnnRequest(queries=[state.hidden] * 2, k=8)).results
         assert len(found) == 2 and list(found[0].entry_ids) == list(found[1].entry_ids) and len(found[0].tokens) == 8
-    with grpc.insecure_channel(f"127.0.0.1:{port['datastore']}") as ch:
+    with cluster.channel(f"127.0.0.1:{port['datastore']}") as ch:
         dsv = datastore_pb2_grpc.DatastoreServiceStub(ch)
         cid = dsv.OpenKnnCache(datastore_pb2.OpenKnnCacheRequest()).cache_id
         with pytest.raises(grpc.RpcError) as e:

@@ -54,7 +54,7 @@ def up() -> Iterator[Up]:
 
 @pytest.fixture(scope="module")
 def stub(up: Up) -> Iterator[gateway_pb2_grpc.GatewayServiceStub]:
-    with grpc.insecure_channel(up.gateway) as ch:
+    with up.channel() as ch:
         yield gateway_pb2_grpc.GatewayServiceStub(ch)
 
 

@@ -3,7 +3,6 @@ stops everything cleanly (exit 0, no process left behind)."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from ralmspec.v1 import gateway_pb2 as pb
 from ralmspec.v1 import gateway_pb2_grpc
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_up_serves_and_ctrl_c_leaves_no_orphans():
     up = start_up()
     try:
-        with grpc.insecure_channel(up.gateway) as ch:
+        with up.channel() as ch:
             reply = gateway_pb2_grpc.GatewayServiceStub(ch).Generate(
                 pb.GenerateRequest(question="Who wrote Hamlet?"), timeout=120)
         assert reply.text and reply.token_ids

@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
+
+from services.common import auth
+
 
 @dataclass
 class Up:
@@ -22,6 +26,13 @@ class Up:
     logs: dict[str, Path]  # replica name (e.g. "lm-0-<pid>") -> its log file
     metrics: dict[str, str] = field(default_factory=dict)  # replica name -> its Prometheus endpoint (URL)
     addresses: dict[str, str] = field(default_factory=dict)  # replica name -> its gRPC host:port
+    api_token: str | None = None  # read from the files `up` names (None: authentication off)
+    cluster_token: str | None = None
+
+    def channel(self, target: str | None = None) -> grpc.Channel:
+        """A channel to `target` (default: the gateway) sending the token it accepts."""
+        target = target or self.gateway
+        return auth.channel(target, self.api_token if target == self.gateway else self.cluster_token)
 
     def grpc_of(self, service: str) -> str:
         """The gRPC address of `service`'s (first) replica."""
@@ -90,6 +101,8 @@ def start_up(extra_env: Mapping[str, str] | None = None) -> Up:
                                 text=True).stdout.split()
     assert redis_pids
     served = re.findall(r"^\s+(\S+)\s+(\S+)\s+metrics (http://\S+)", out, re.MULTILINE)
+    tokens = {kind: auth.read_tokens(Path(path))[0]
+              for kind, path in re.findall(r"^\s+(api tokens|cluster token) file (\S+)", out, re.MULTILINE)}
     return Up(proc, gateway[1], [int(pid) for _, pid, _ in children] + [int(p) for p in redis_pids],
               {replica: Path(log) for replica, _, log in children}, {r: url for r, _, url in served},
-              {r: address for r, address, _ in served})
+              {r: address for r, address, _ in served}, tokens.get("api tokens"), tokens.get("cluster token"))

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import pytest
 import redis
 from ralmspec.v1 import gateway_pb2 as pb
@@ -129,7 +128,7 @@ def test_killing_the_primary_mid_run_loses_no_request(tmp_path):
         assert nodes.primary() == nodes.primary_port
         # a dead consumer's entries are reclaimed after 3 s (a lost reply-and-ack is served again)
         with Cluster("tiny", redis_url=nodes.url, extra_env={"RALMSPEC_CLAIM_IDLE_MS": "3000"}) as cluster, \
-                grpc.insecure_channel(cluster.gateway) as ch:
+                cluster.channel() as ch:
             stub = gateway_pb2_grpc.GatewayServiceStub(ch)
             want = {q: ask(stub, q)[0] for q in QUESTIONS}  # before the failover
             runs = [q for _ in range(3) for q in QUESTIONS]  # 9 requests, 3 at a time

@@ -19,21 +19,39 @@ const GATEWAY_SERVICE = 'ralmspec.v1.GatewayService';
  * @property {AbortSignal} [signal] aborting cancels the call (the gateway then stops the request's LM work)
  */
 
-/** grpc.Metadata from a plain object (keys ending in -bin carry Buffers) or as given. */
-function toMetadata(metadata) {
-  if (metadata instanceof grpc.Metadata) return metadata;
-  const md = new grpc.Metadata();
-  for (const [key, value] of Object.entries(metadata ?? {})) {
-    for (const v of Array.isArray(value) ? value : [value]) md.add(key, v);
+/** grpc.Metadata from a plain object (keys ending in -bin carry Buffers) or as given (copied), with `authorization:
+ * Bearer <token>` added when a token is given and the caller sent none of its own. */
+function toMetadata(metadata, token) {
+  let md;
+  if (metadata instanceof grpc.Metadata) {
+    md = metadata.clone();
+  } else {
+    md = new grpc.Metadata();
+    for (const [key, value] of Object.entries(metadata ?? {})) {
+      for (const v of Array.isArray(value) ? value : [value]) md.add(key, v);
+    }
   }
+  if (token && md.get('authorization').length === 0) md.set('authorization', `Bearer ${token}`);
   return md;
+}
+
+/** Channel credentials: TLS from PEM buffers ({ca, cert, key}; cert and key for mutual TLS), else plaintext. */
+function channelCredentials({ credentials, tls }) {
+  if (credentials) return credentials;
+  if (!tls) return grpc.credentials.createInsecure();
+  return grpc.credentials.createSsl(tls.ca ?? null, tls.key ?? null, tls.cert ?? null);
 }
 
 class GatewayClient {
   /**
    * @param {string} [address] the gateway, host:port (`ralmspec up` prints it)
    * @param {object} [options]
-   * @param {grpc.ChannelCredentials} [options.credentials] default: plaintext, as `ralmspec up` serves
+   * @param {string} [options.token] the bearer token every call sends (the gateway's RALMSPEC_API_TOKENS_FILE holds
+   *   the accepted ones; `ralmspec up` prints where); a call's own `authorization` metadata wins
+   * @param {{ca?: Buffer, cert?: Buffer, key?: Buffer}} [options.tls] TLS: the CA that signed the gateway's certificate
+   *   (default: the system's roots), and this client's certificate and key for a gateway that requires mutual TLS
+   * @param {grpc.ChannelCredentials} [options.credentials] channel credentials as built (overrides `tls`); default:
+   *   plaintext, as `ralmspec up` serves
    * @param {number} [options.timeoutMs] default deadline of every call (unset: none)
    * @param {string} [options.protoDir] the folder holding ralmspec/v1/*.proto (default: this repository's)
    * @param {grpc.ChannelOptions} [options.channelOptions] extra channel arguments
@@ -42,14 +60,15 @@ class GatewayClient {
     const { definition, GatewayClient: Gateway, HealthClient } = loadContracts(options.protoDir);
     this.definition = definition;
     this.timeoutMs = options.timeoutMs;
+    this.token = options.token;
     const channelOptions = {
       'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
       'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
       ...options.channelOptions,
     };
-    this.stub = new Gateway(address, options.credentials ?? grpc.credentials.createInsecure(), channelOptions);
-    this.health = new HealthClient(address, grpc.credentials.createInsecure(),
-      { channelOverride: this.stub.getChannel() });
+    const credentials = channelCredentials(options);
+    this.stub = new Gateway(address, credentials, channelOptions);
+    this.health = new HealthClient(address, credentials, { channelOverride: this.stub.getChannel() });
   }
 
   /**
@@ -61,7 +80,7 @@ class GatewayClient {
   generate(request, options = {}) {
     return new Promise((resolve, reject) => {
       this.check(request);
-      const call = this.stub.Generate(request, toMetadata(options.metadata), this.callOptions(options),
+      const call = this.stub.Generate(request, toMetadata(options.metadata, this.token), this.callOptions(options),
         (err, reply) => (err ? reject(toRalmError(err)) : resolve(reply)));
       abortWith(options.signal, call);
     });
@@ -76,7 +95,8 @@ class GatewayClient {
    */
   generateStream(request, options = {}) {
     this.check(request);
-    const call = this.stub.GenerateStream(request, toMetadata(options.metadata), this.callOptions(options));
+    const call = this.stub.GenerateStream(request, toMetadata(options.metadata, this.token),
+      this.callOptions(options));
     abortWith(options.signal, call);
     return new TokenStream(call);
   }

@@ -27,6 +27,7 @@ class Overloaded extends RalmError {}        // RESOURCE_EXHAUSTED: back-pressur
 class Unavailable extends RalmError {}       // UNAVAILABLE: no server at the address, or a service is down
 class DeadlineExceeded extends RalmError {}  // DEADLINE_EXCEEDED: the call's deadline or the request's deadline_s
 class Cancelled extends RalmError {}         // CANCELLED: the caller cancelled (an AbortSignal, stream.cancel())
+class Unauthenticated extends RalmError {}   // UNAUTHENTICATED: no bearer token, or not one the gateway accepts
 
 const BY_CODE = {
   [status.INVALID_ARGUMENT]: InvalidRequest,
@@ -35,6 +36,7 @@ const BY_CODE = {
   [status.UNAVAILABLE]: Unavailable,
   [status.DEADLINE_EXCEEDED]: DeadlineExceeded,
   [status.CANCELLED]: Cancelled,
+  [status.UNAUTHENTICATED]: Unauthenticated,
 };
 
 /** The RalmError for a grpc-js error (a ServiceError: code, details, metadata); other errors pass unchanged. */
@@ -45,5 +47,6 @@ function toRalmError(err) {
 }
 
 module.exports = {
-  RalmError, InvalidRequest, NotFound, Overloaded, Unavailable, DeadlineExceeded, Cancelled, toRalmError,
+  RalmError, InvalidRequest, NotFound, Overloaded, Unavailable, DeadlineExceeded, Cancelled, Unauthenticated,
+  toRalmError,
 };

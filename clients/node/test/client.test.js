@@ -70,6 +70,19 @@ test('generate passes metadata and the deadline through', async () => {
   client.close();
 });
 
+test('a token goes out as `authorization: Bearer <token>` on every call; a call\'s own authorization wins', async () => {
+  const client = new GatewayClient(address, { token: 'tok-abcdefghijklmnop' });
+  await client.generate({ question: 'hi' });
+  assert.equal(seen.metadata.authorization, 'Bearer tok-abcdefghijklmnop');
+  await client.generate({ question: 'hi' }, { metadata: { authorization: 'Bearer other-token-0123456' } });
+  assert.equal(seen.metadata.authorization, 'Bearer other-token-0123456');
+  const plain = new GatewayClient(address);
+  await plain.generate({ question: 'hi' });
+  assert.equal(seen.metadata.authorization, undefined);
+  client.close();
+  plain.close();
+});
+
 test('generateStream yields every verified token, the ones only in the final reply included', async () => {
   const client = new GatewayClient(address);
   const stream = client.generateStream({ question: 'hi' });

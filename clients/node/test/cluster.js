@@ -13,7 +13,8 @@ const VENV = process.env.VENV ? path.resolve(ROOT, process.env.VENV) : path.join
 const PYTHON = path.join(VENV, 'bin', 'python');
 const SETPRIV = '/usr/bin/setpriv';
 
-/** Starts `ralmspec up`; resolves to {gateway, output(), stop()} once it prints "gateway ready on <address>". */
+/** Starts `ralmspec up`; resolves to {gateway, token, output(), stop()} once it prints "gateway ready on <address>"
+ * (token: the API token it generated). */
 function startUp({ profile = 'tiny', timeoutMs = 300_000 } = {}) {
   const cmd = [PYTHON, '-m', 'services.cli', 'up', '--profile', profile, '--port', '0'];
   const argv = fs.existsSync(SETPRIV) ? [SETPRIV, '--pdeathsig', 'INT', '--', ...cmd] : cmd;
@@ -43,7 +44,10 @@ function startUp({ profile = 'tiny', timeoutMs = 300_000 } = {}) {
       const ready = /gateway ready on (\S+)/.exec(out);
       if (ready) {
         clearTimeout(timer);
-        resolve({ gateway: ready[1], output: () => out, stop });
+        // The API token `up` generated: the first line of the file it names (none when RALMSPEC_AUTH=off).
+        const file = /^\s+api tokens file (\S+)/m.exec(out);
+        const token = file ? fs.readFileSync(file[1], 'utf8').split('\n')[0].trim() : undefined;
+        resolve({ gateway: ready[1], token, output: () => out, stop });
       }
     };
     proc.stdout.on('data', onData); // read to the end: a full pipe would block up's prints

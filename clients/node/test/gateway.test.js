@@ -8,7 +8,7 @@ const assert = require('node:assert/strict');
 const { execFileSync } = require('node:child_process');
 const path = require('node:path');
 const { ROOT, PYTHON, startUp } = require('./cluster');
-const { GatewayClient, InvalidRequest, DeadlineExceeded } = require('../src');
+const { GatewayClient, InvalidRequest, DeadlineExceeded, Unauthenticated } = require('../src');
 
 const Q1 = 'Which NFL team represented the AFC at Super Bowl 50?'; // tiny's questions are SQuAD dev's
 const Q2 = 'Where did Super Bowl 50 take place?';
@@ -38,10 +38,10 @@ let python; // the Python client's answer to each request, by name
 
 test.before(async () => {
   cluster = await startUp();
-  client = new GatewayClient(cluster.gateway, { timeoutMs: 120_000 });
+  client = new GatewayClient(cluster.gateway, { timeoutMs: 120_000, token: cluster.token });
   const names = [...Object.keys(SAME_TOKENS), ...Object.keys(INVALID)];
   const answers = JSON.parse(execFileSync(PYTHON, [path.join(__dirname, 'reference.py'), cluster.gateway], {
-    cwd: ROOT, input: JSON.stringify(names.map((n) => SAME_TOKENS[n] ?? INVALID[n])), timeout: 300_000,
+    cwd: ROOT, env: { ...process.env, RALMSPEC_API_TOKEN: cluster.token ?? '' }, input: JSON.stringify(names.map((n) => SAME_TOKENS[n] ?? INVALID[n])), timeout: 300_000,
   }));
   python = Object.fromEntries(names.map((n, i) => [n, answers[i]]));
 }, { timeout: 600_000 });
@@ -104,3 +104,17 @@ for (const [name, request] of Object.entries(INVALID)) {
       (err) => err instanceof InvalidRequest && err.message === want.details);
   });
 }
+
+test('without a token, or with a wrong one, the gateway answers UNAUTHENTICATED and says no more', async () => {
+  assert.ok(cluster.token, 'ralmspec up printed no API token file');
+  for (const options of [{}, { token: 'not-the-token-0123456789' }]) {
+    const stranger = new GatewayClient(cluster.gateway, { timeoutMs: 30_000, ...options });
+    await assert.rejects(stranger.generate({ question: Q1 }), (err) => {
+      assert.ok(err instanceof Unauthenticated, `${err.name}: ${err.message}`);
+      assert.equal(err.message, 'missing or invalid bearer token');
+      return true;
+    });
+    assert.equal(await stranger.checkHealth(), 'SERVING'); // health stays open (probes)
+    stranger.close();
+  }
+});
