@@ -2,7 +2,8 @@
 
 One cluster for the module, with 2 retriever and 2 verifier replicas: the distributed runtime emits the same
 tokens as the in-process controller, both RPCs work, bad requests get INVALID_ARGUMENT with a clear message,
-work spreads over replicas, and a killed replica loses no request.
+work spreads over replicas, a killed replica loses no request, every RPC refuses a call without its token, and no
+secret reaches a log or a metric.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import os
 import signal
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ralmspec.v1 import common_pb2 as cpb
 from ralmspec.v1 import (
     datastore_pb2,
@@ -28,6 +31,7 @@ from ralmspec.v1 import (
 )
 from ralmspec.v1 import gateway_pb2 as pb
 
+from services.common import auth
 from services.common.contracts import LM, RETRIEVER, SERVICES, VERIFIER, replica_stream
 from services.common.transport import counter_key
 from services.gateway.api import to_request
@@ -397,3 +401,44 @@ def test_a_killed_lm_replica_loses_no_request(stub, controller, cluster, questio
     run_while_killing(stub, controller, cluster, long_requests(questions, 40), victim, own)
     replayed = sum(counts(cluster, "replayed", LM).values()) - before
     assert replayed > 0, "no LM call was replayed on a new session after its replica died"
+
+
+def test_every_rpc_of_every_service_refuses_an_unauthenticated_call(cluster):
+    """The walk over the real processes: each operation of each contract, with no token and with a token of the
+    wrong kind (the API token at an internal service, the cluster token at the gateway), is UNAUTHENTICATED with
+    the one message; health stays open."""
+    secrets = cluster.secrets
+    assert secrets.api_token and secrets.cluster_token
+    refused = 0
+    for name, service in SERVICES.items():
+        target = cluster.addresses(name)[0]
+        wrong = secrets.cluster_token if name == "gateway" else secrets.api_token
+        for token in (None, wrong):
+            with auth.channel(target, token) as ch:
+                for op in service.ops.values():
+                    method = service.method(op.name)
+                    call = ch.unary_stream(method) if op.streaming else ch.unary_unary(method)
+                    with pytest.raises(grpc.RpcError) as e:
+                        reply = call(b"", timeout=30)
+                        list(reply) if op.streaming else reply
+                    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, auth.REFUSED), \
+                        method
+                    refused += 1
+                assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+    assert refused == 2 * sum(len(s.ops) for s in SERVICES.values())
+
+
+def test_no_secret_in_any_log_or_metric(cluster):
+    """Last in the module: after every test above (bad input, kills, refusals), no child's log and no metrics page
+    holds the API token, the cluster token or the Redis password."""
+    secrets = cluster.secrets
+    wanted = {"api token": secrets.api_token, "cluster token": secrets.cluster_token,
+              "redis password": secrets.redis_password}
+    texts = {str(c.log): c.log.read_text(errors="replace") for c in cluster.children}
+    texts |= {f"metrics of {c.replica}": urllib.request.urlopen(
+        f"http://127.0.0.1:{c.metrics_port}/metrics", timeout=10).read().decode() for c in cluster.children
+        if c.proc.poll() is None}
+    assert sum(map(len, texts.values())) > 10_000  # the logs are there to search
+    leaks = [(what, where) for where, text in texts.items() for what, secret in wanted.items() if secret in text]
+    assert leaks == []
