@@ -128,6 +128,13 @@ def spec_plan(reps: int, prompts: int, tokens: int) -> Plan:
     return Plan(closed, (), (), 4.0, reps, prompts, 2, tokens)
 
 
+def knn_plan(reps: int, prompts: int, tokens: int) -> Plan:
+    """KNN-LM alone (issue 13's KNN-LM-at-8 figure on a profile's full datastore): baseline-kv with and without
+    batching, +PSA with it, at 1 and 8 clients."""
+    closed = both({("knn", KV): (1, 8)}) | {(("knn", SPEC), True): (1, 8)}
+    return Plan(closed, (), (), 4.0, reps, prompts, 2, tokens)
+
+
 def build(workload: str, mode: str, question: str, n: int) -> pb.GenerateRequest:
     kind, _, arg = workload.partition("-")
     req = pb.GenerateRequest(mode=MODES[mode], max_new_tokens=n)
@@ -404,11 +411,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (12 with --quick)")
     ap.add_argument("--window-s", type=float, default=15.0, help="open loop: rate x this many arrivals")
     ap.add_argument("--spec", action="store_true", help="speculation under load only: kv vs +PSA, 1-8 clients")
+    ap.add_argument("--knn", action="store_true", help="KNN-LM only: batching on/off and +PSA, 1 and 8 clients")
     ap.add_argument("--name", default=None, help="results file name (default load, load_quick with --quick)")
     args = ap.parse_args(argv)
     profile = args.profile or ("tiny" if args.quick else "default")
     tokens = args.max_new_tokens or (12 if args.quick else 32)
     plan = (quick_plan(tokens) if args.quick else spec_plan(args.reps, args.prompts, tokens) if args.spec
+            else knn_plan(args.reps, args.prompts, tokens) if args.knn
             else full_plan(args.reps, args.prompts, tokens, args.window_s, args.budget_min))
     settings = GatewaySettings.from_env(profile=profile)
     if todo := missing(profile, settings.layout, settings.model):
@@ -431,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     payload = {"profile": profile, "rows": rows, **summary(rows, plan), "alone_s": {
         f"{w} {m}": spread([s for k, s in bench.alone_s.items() if k[:2] == (w, m)]) for w, m in base},
         "cluster_env": {"on" if b else "off": e for b, e in cluster_env.items()}, "max_rss_mb": bench.max_rss_mb}
-    report(args.name or ("load_quick" if args.quick else "load_spec" if args.spec else "load"), payload, plan)
+    report(args.name or ("load_quick" if args.quick else "load_spec" if args.spec else "load_knn" if args.knn
+                         else "load"), payload, plan)
     return payload
 
 
