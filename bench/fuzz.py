@@ -179,10 +179,6 @@ class Tally:
         if code not in allowed and len(self.bad) < 20:
             self.bad.append(f"{code}: {what}"[:400])
 
-    @property
-    def failures(self) -> int:
-        return sum(n for c, n in self.codes.items() if c not in STREAM_OK) + self.hangs
-
 
 async def fuzz_gateway(cluster: Cluster, n: int, rng: random.Random, concurrency: int = 8) -> Tally:
     tally, sem = Tally(), asyncio.Semaphore(concurrency)
