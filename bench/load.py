@@ -29,6 +29,9 @@ Per row (an open-loop row has concurrency 0, its rate in rate_x and rate_per_s),
 - p50_s, p95_s, p99_s: send -> last chunk of answered requests; ttft_p50_s: send -> first chunk carrying tokens.
 - mean_batch: Δrows / Δforwards of the LM replicas' `Stats` over the unit (null when the LM does not answer it);
   prefix_hits: the share of the unit's shared-prefix (document) look-ups its LM replicas' prefix caches answered.
+- cpu_ms_per_token: CPU seconds (user + system) of every service process and redis-server over the unit, per
+  generated token (`cpu_ms_per_token_by_service` in the JSON splits it); cores_busy: those CPU seconds / the
+  unit's wall time. cores x 1000 / cpu_ms_per_token is the machine's ceiling for that per-token work.
 - identical: every answered request's tokens equal its alone run's; `mismatches` counts those that differ,
   `near_ties` those of them whose first difference is a certified near-tie (both replies' top-2 gaps < 1e-4 there).
 - errors: status codes of failed calls, summed over repetitions; RESOURCE_EXHAUSTED is expected when overloaded.
@@ -72,7 +75,8 @@ SPECULATION = pb.Speculation(stride=PSA.stride, prefetch=PSA.prefetch, prefetch_
                              asynchronous=PSA.asynchronous)
 EXPECTED = {"RESOURCE_EXHAUSTED"}  # refused under overload: counted, not a failure
 TIMEOUT_S = 900.0  # per call: a stuck request fails its row instead of hanging the run
-METRICS = ("tokens_per_s", "requests_per_s", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "mean_batch", "prefix_hits")
+METRICS = ("tokens_per_s", "requests_per_s", "p50_s", "p95_s", "p99_s", "ttft_p50_s", "mean_batch", "prefix_hits",
+           "cpu_ms_per_token", "cores_busy")
 
 Cell = tuple[str, str]  # (workload, mode)
 Key = tuple[str, str, int]  # one distinct request: (workload, mode, prompt index)
@@ -244,8 +248,34 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each service's processes (every replica) and redis-server."""
+    import psutil
+
+    procs = [(c.service, c.proc.pid) for c in cluster.children]
+    if cluster.redis is not None and cluster.redis.proc is not None:
+        procs.append(("redis", cluster.redis.proc.pid))
+    out: dict[str, float] = {}
+    for service, pid in procs:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            out[service] = out.get(service, 0.0) + t.user + t.system
+    return out
+
+
+def cpu_use(before: dict[str, float], after: dict[str, float], replies: list[Reply], wall_s: float) -> dict:
+    """Where a unit's CPU went: ms of CPU per generated token, by service and in all, and cores busy on average
+    (CPU seconds / wall seconds). With every core busy, tokens/s cannot exceed cores x 1000 / cpu_ms_per_token:
+    the throughput ceiling of the machine for that per-token work."""
+    tokens = sum(len(r.tokens) for r in replies) or 1
+    used = {s: after.get(s, 0.0) - before.get(s, 0.0) for s in after}
+    return {"cpu_ms_per_token": 1000 * sum(used.values()) / tokens, "cores_busy": sum(used.values()) / wall_s,
+            "cpu_ms_per_token_by_service": {s: round(1000 * v / tokens, 1) for s, v in sorted(used.items())}}
+
+
 def measure(replies: list[Reply], t0: float, t_end: float, alone: dict[Key, pb.GenerateReply],
-            before: tuple[int, int, int, int] | None, after: tuple[int, int, int, int] | None) -> dict:
+            before: tuple[int, int, int, int] | None, after: tuple[int, int, int, int] | None,
+            cpu: dict | None = None) -> dict:
     ok = [r for r in replies if r.code == "OK"]
     verdicts = [compare(alone[r.key].token_ids, alone[r.key].gaps, r.tokens, r.gaps) for r in ok]
     tokens_per_s = sum(tokens_until(r, t_end) for r in replies) / (t_end - t0)
@@ -258,7 +288,7 @@ def measure(replies: list[Reply], t0: float, t_end: float, alone: dict[Key, pb.G
     return {"tokens_per_s": tokens_per_s, "requests_per_s": tokens_per_s / mean_tokens if mean_tokens else 0.0,
             "p50_s": percentile(latency, 50), "p95_s": percentile(latency, 95), "p99_s": percentile(latency, 99),
             "ttft_p50_s": percentile(ttft, 50), "mean_batch": batch, "prefix_hits": prefix_hits,
-            "requests": len(replies),
+            "requests": len(replies), **(cpu or {"cpu_ms_per_token": None, "cores_busy": None}),
             "errors": Counter(r.code for r in replies if r.code != "OK"),
             "mismatches": sum(not v.identical for v in verdicts), "near_ties": sum(v.near_tie for v in verdicts)}
 
@@ -275,13 +305,14 @@ def row(cell: Cell, batching: bool, concurrency: int, rate: tuple[float, float] 
     errors: Counter[str] = sum((r["errors"] for r in runs), Counter())
     out |= {"identical": all(r["mismatches"] == 0 for r in runs), "mismatches": sum(r["mismatches"] for r in runs),
             "near_ties": sum(r["near_ties"] for r in runs), "errors": dict(errors), "requests": runs[0]["requests"],
-            "reps": len(runs)}
+            "reps": len(runs), "cpu_ms_per_token_by_service": [r.get("cpu_ms_per_token_by_service") for r in runs]}
     # shown in the markdown table: median [min, max]
     text = {m: spread_text([r[m] for r in runs if r[m] is not None], ".1f" if m == "tokens_per_s" else ".2f")
             if out[m] is not None else "-" for m in METRICS}
     out |= {"clients": f"{rate[0]}x = {rate[1]:.2f}/s" if rate else concurrency, "tok/s": text["tokens_per_s"],
             "req/s": text["requests_per_s"], "p50": text["p50_s"], "p95": text["p95_s"], "p99": text["p99_s"],
             "ttft p50": text["ttft_p50_s"], "batch": text["mean_batch"], "prefix hits": text["prefix_hits"],
+            "cpu ms/tok": text["cpu_ms_per_token"], "cores busy": text["cores_busy"],
             "errs": " ".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "0"}
     return out
 
@@ -347,13 +378,14 @@ class Bench:
     async def unit(self, batching: bool, load: Awaitable[tuple[list[Reply], float, float]]) -> dict:
         """`load` (not started yet) run between two reads of the LM counters, the cluster's RSS sampled."""
         cluster = self.clusters[batching]
-        before = await lm_counters(cluster)
+        before, cpu_before, started = await lm_counters(cluster), cpu_seconds(cluster), time.perf_counter()
         sampler = asyncio.create_task(self.sample_rss(batching))
         try:
             replies, t0, t_end = await load
         finally:
             sampler.cancel()
-        return measure(replies, t0, t_end, self.alone, before, await lm_counters(cluster))
+        cpu = cpu_use(cpu_before, cpu_seconds(cluster), replies, time.perf_counter() - started)
+        return measure(replies, t0, t_end, self.alone, before, await lm_counters(cluster), cpu)
 
     async def sample_rss(self, batching: bool, every_s: float = 0.5) -> None:
         """Keep the largest resident set of each service's processes (MB, per replica) while a unit runs."""
@@ -485,7 +517,7 @@ def report(name: str, payload: dict, plan: Plan) -> None:
              f"{got['speedup_at_16']}; KNN-LM at 8: {got['knn_speedup_at_8']}. p99 latency at 8 clients / 1 client "
              f"(batching on): {got['p99_at_8_over_alone']}.")
     columns = ["workload", "mode", "batching", "loop", "clients", "tok/s", "req/s", "p50", "p95", "p99", "ttft p50",
-               "batch", "prefix hits", "errs", "identical", "near_ties"]
+               "batch", "prefix hits", "cpu ms/tok", "cores busy", "errs", "identical", "near_ties"]
     results_io.write(name, payload, columns,
                      f"Load: throughput and latency under concurrent clients ({payload['profile']})", notes)
     results_io.chart(name, list(dict.fromkeys(r["workload"] for r in rows)), lambda ax, w: draw(ax, w, rows))
