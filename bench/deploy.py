@@ -1,5 +1,5 @@
 """Deployment checks as a results file: every overlay rendered and validated, the rendered `cpu` Deployments run as
-processes against `ralmspec up`, and whether the image was built here.
+processes against `ralmspec up` (and the `cpu-tls` ones over TLS), and whether the image was built here.
 
     python -m bench.deploy            # writes bench/results/deploy.{json,md}
     python -m bench.deploy --no-run   # render and validate only (seconds)
@@ -28,11 +28,14 @@ IMAGE = "ralmspec:0.1.0-cpu"
 
 
 def manifests_as_processes() -> dict:
-    """The test's run (test_k8s_processes.run_cpu_overlay) plus the questions it asked."""
-    from test_k8s_processes import QUESTIONS, run_cpu_overlay
+    """The tests' runs (test_k8s_processes.run_cpu_overlay, run_tls_overlay) plus the questions they asked."""
+    from test_k8s_processes import QUESTIONS, run_cpu_overlay, run_tls_overlay
 
     with tempfile.TemporaryDirectory() as tmp:
-        return {"questions": QUESTIONS, **run_cpu_overlay(Path(tmp))}
+        (Path(tmp) / "cpu").mkdir()
+        (Path(tmp) / "tls").mkdir()
+        cpu, tls = run_cpu_overlay(Path(tmp) / "cpu"), run_tls_overlay(Path(tmp) / "tls")
+    return {"questions": QUESTIONS, **cpu, "tls": {**tls, "identical": tls["tokens"] == cpu["tokens"]}}
 
 
 def image_built() -> dict:
@@ -68,13 +71,15 @@ def main() -> None:
     payload = {
         "objects": sum(r["objects"] for r in rows), "validated": sum(r["validated"] for r in rows),
         "errors": len(errors_all), "overlays": list(OVERLAYS), "k8s_version": K8S_VERSION,
-        "manifest_run_identical": bool(run and run["identical"]), "image_built": image["built"],
+        "manifest_run_identical": bool(run and run["identical"]),
+        "manifest_run_tls_identical": bool(run and run["tls"]["identical"]), "image_built": image["built"],
         "kubectl": kubectl_version(), "error_messages": errors_all, "manifest_run": run, "image": image,
         "rows": rows,
     }
     notes = (f"Validated against Kubernetes {K8S_VERSION} (kubernetes-validate --strict) and KEDA's schema subset; "
              f"rendered with kubectl {payload['kubectl']}. Manifests as processes: "
-             + (json.dumps({k: run[k] for k in ("identical", "scaled", "drain_s")}) if run else "not run") +
+             + (json.dumps({k: run[k] for k in ("identical", "scaled", "drain_s", "refused")}) + "; cpu-tls: "
+                + json.dumps({k: run["tls"][k] for k in ("identical", "probes", "codes")}) if run else "not run") +
              f". Image: {json.dumps(image)}."
              + (" Built here by Debian 12's buildah 1.28 (no Docker engine) from a bookworm base made with debootstrap,"
                 " --build-arg TORCH_INDEX= with the CPU torch wheel in the base's pip find-links; buildah 1.28 does not"

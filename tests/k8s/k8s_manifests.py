@@ -15,15 +15,18 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-OVERLAYS = ("cpu", "gpu", "cpu-hpa", "cpu-monitoring")  # cpu and gpu: KEDA; cpu-hpa: the plain-HPA alternative;
-# cpu-monitoring: cpu plus the Prometheus Operator's PodMonitor and the Grafana dashboard
+OVERLAYS = ("cpu", "gpu", "cpu-hpa", "cpu-monitoring", "cpu-tls")  # cpu and gpu: KEDA; cpu-hpa: the plain-HPA
+# alternative; cpu-monitoring: cpu plus the Prometheus Operator's PodMonitor and the Grafana dashboard; cpu-tls: cpu
+# with TLS everywhere, certificates from cert-manager
 # Custom resources' API groups -> the hand-written subset of their CRD schemas they are validated against.
-CRD_SCHEMAS = {"keda.sh": "keda_schema.yaml", "monitoring.coreos.com": "monitoring_schema.yaml"}
+CRD_SCHEMAS = {"keda.sh": "keda_schema.yaml", "monitoring.coreos.com": "monitoring_schema.yaml",
+               "cert-manager.io": "cert_manager_schema.yaml"}
 K8S_VERSION = "1.37.0"  # the OpenAPI schemas objects are validated against (kubernetes-validate's pinned release)
 IMAGE = "ralmspec"  # the repository name of our image (both tags); every other image is not ours (Redis)
 
@@ -136,12 +139,52 @@ class Container:
                 raise NotImplementedError(ref)
         return out
 
+    def secret_files(self, objs: list[Obj]) -> list[SecretFile]:
+        """The files this container's Secret volumes put in it (every key of the Secret when the volume lists no
+        items)."""
+        volumes = {v["name"]: v for v in pod_spec(self.owner).get("volumes", [])}
+        files = []
+        for m in self.spec.get("volumeMounts", []):
+            src = volumes.get(m["name"], {}).get("secret")  # not there: a StatefulSet's claim template
+            if src is None:
+                continue
+            items = src.get("items") or [{"key": k, "path": k}
+                                         for k in data_of(named(objs, "Secret", src["secretName"]))]
+            files += [SecretFile(f"{m['mountPath'].rstrip('/')}/{i['path']}", m["mountPath"], src["secretName"],
+                                 i["key"], i.get("mode", src.get("defaultMode", 0o644)), m.get("readOnly", False))
+                      for i in items]
+        return files
+
+    def paths(self, objs: list[Obj]) -> set[str]:
+        """The absolute paths this container names: in its env values (and their URLs' queries, e.g. a rediss://
+        URL's ssl_ca_certs), its command and args, and its probes' commands."""
+        words = [*self.env(objs, f"{self.name}-0").values(), *self.argv]
+        words += [w for kind in ("startupProbe", "readinessProbe", "livenessProbe")
+                  for w in self.spec.get(kind, {}).get("exec", {}).get("command", [])]
+        out = set()
+        for w in map(str, words):
+            query = urlsplit(w).query if "://" in w else ""
+            out |= {v for _, v in parse_qsl(query)} if query else {w}
+        return {p for p in out if p.startswith("/")}
+
     def port(self, name_or_number: int | str) -> int:
         """A containerPort by name (as Services and probes may refer to it) or number."""
         for p in self.spec.get("ports", []):
             if name_or_number in (p.get("name"), p["containerPort"]):
                 return int(p["containerPort"])
         raise LookupError(f"{self.name}: no container port {name_or_number!r}")
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """A file a Secret volume puts in a container."""
+
+    path: str  # where the container sees it
+    mount: str  # the mountPath it is under
+    secret: str
+    key: str
+    mode: int  # the item's mode, else the volume's defaultMode, else Kubernetes' 0644
+    read_only: bool  # whether the mount is
 
 
 def _expand(value: str, env: Mapping[str, str]) -> str:
@@ -172,6 +215,15 @@ def containers(objs: list[Obj]) -> Iterator[Container]:
             for c in [*spec.get("initContainers", []), *spec["containers"]]:
                 if ours(c):
                     yield Container(o, c)
+
+
+def workload_containers(objs: list[Obj]) -> Iterator[Container]:
+    """Every container, ours or not (Redis), of every Deployment, StatefulSet and Job."""
+    for o in objs:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            spec = pod_spec(o)
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                yield Container(o, c)
 
 
 def servers(objs: list[Obj]) -> dict[str, Container]:

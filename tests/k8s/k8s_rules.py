@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
-from k8s_manifests import Obj, containers, data_of, named, of_kind, pod_spec, servers
+from k8s_manifests import Container, Obj, containers, data_of, named, of_kind, pod_spec, servers, workload_containers
 
-from services.common import env
+from services.common import auth, env
 from services.common.contracts import SERVICES
 
 # Services that read a Redis stream: every one but the gateway (serve_gateway passes streams=False: its requests
@@ -17,6 +19,10 @@ from services.common.contracts import SERVICES
 # stream's own name.
 CONSUMERS = {name: (svc.stream, svc.stream) for name, svc in SERVICES.items() if name != "gateway"}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+CERT_KEYS = {"tls.crt", "tls.key", "ca.crt"}  # what cert-manager writes into a Certificate's Secret (with a CA issuer)
+EXTENDED_USAGES = {"any", "server auth", "client auth", "code signing", "email protection", "s/mime",
+                   "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing", "microsoft sgc",
+                   "netscape sgc"}
 
 
 def served_port(c_env: dict[str, str], argv: list[str]) -> int:
@@ -89,19 +95,106 @@ def ports(objs: list[Obj]) -> list[str]:
 
 
 def probes(objs: list[Obj]) -> list[str]:
-    """Each server has gRPC startup, readiness and liveness probes on the port that serves grpc.health.v1 (every
-    `ralmspec serve` registers health on its one gRPC port)."""
+    """Each server has startup, readiness and liveness probes on its one gRPC port (which also serves
+    grpc.health.v1), of a kind the kubelet can run against it: a gRPC health check on a plaintext port; on a TLS
+    port (RALMSPEC_TLS_CERT) a TCP connect, since the kubelet's gRPC probe speaks plaintext unless `mode: TLS`
+    (Kubernetes 1.37 alpha), which presents no client certificate, so never under mutual TLS."""
     bad = []
     for name, c in servers(objs).items():
-        port = served_port(_pod_env(objs, name), c.argv)
+        e = _pod_env(objs, name)
+        port = served_port(e, c.argv)
+        tls, mutual = bool(e.get(env.TLS_CERT.name)), e.get(env.TLS_CLIENT_AUTH.name) == "1"
         for kind in PROBES:
             probe = c.spec.get(kind)
+            grpc_mode = probe.get("grpc", {}).get("mode", "Plaintext") if probe else None
             if probe is None:
                 bad.append(f"Deployment/{name}: no {kind}")
+            elif "tcpSocket" in probe and tls:
+                if c.port(probe["tcpSocket"]["port"]) != port:
+                    bad.append(f"Deployment/{name}: {kind} connects to {probe['tcpSocket']['port']}, gRPC is on {port}")
             elif "grpc" not in probe:
-                bad.append(f"Deployment/{name}: {kind} is not a gRPC health check")
+                bad.append(f"Deployment/{name}: {kind} is neither a gRPC health check nor (TLS port) a TCP connect")
+            elif (grpc_mode == "TLS") != tls or (tls and mutual):
+                bad.append(f"Deployment/{name}: {kind} is a {grpc_mode} gRPC check of a "
+                           f"{'mutual TLS' if mutual else 'TLS' if tls else 'plaintext'} port")
             elif probe["grpc"]["port"] != port:  # a number: gRPC probes take no port names
                 bad.append(f"Deployment/{name}: {kind} checks port {probe['grpc']['port']}, health is on {port}")
+    return bad
+
+
+def token_file(service: str) -> env.EnvVar:
+    """The token file a service does not start without: the gateway (the public edge) reads the API tokens, every
+    other service the cluster token (serving.configure_process, auth.Auth.from_env)."""
+    return env.API_TOKENS_FILE if service == "gateway" else env.CLUSTER_TOKEN_FILE
+
+
+def _token_error(text: str) -> str | None:
+    """What auth.read_tokens says of a token file holding `text` (None: it accepts it)."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "tokens"
+        path.write_text(text)
+        try:
+            auth.read_tokens(path)
+        except ValueError as e:
+            return str(e).replace(f" {path}", "")
+    return None
+
+
+def authentication(objs: list[Obj]) -> list[str]:
+    """Authentication is on: no container's env and no ConfigMap sets RALMSPEC_AUTH=off; every server names the
+    token file it cannot start without (token_file), and every token file a server names is a file of a Secret it
+    mounts, holding tokens services/common/auth.py accepts (one a line, >= 16 characters)."""
+    bad = [f"ConfigMap/{m['metadata']['name']}: {env.AUTH.name}=off" for m in of_kind(objs, "ConfigMap")
+           if m.get("data", {}).get(env.AUTH.name) == "off"]
+    bad += [f"{c.kind}/{c.name}: {env.AUTH.name}=off" for c in workload_containers(objs)
+            if c.env(objs, f"{c.name}-0").get(env.AUTH.name) == "off"]
+    for name, c in servers(objs).items():
+        e = _pod_env(objs, name)
+        if not e.get(token_file(name).name):
+            bad.append(f"Deployment/{name}: no {token_file(name).name}: the service does not start")
+        files = {f.path: f for f in c.secret_files(objs)}
+        for var in (env.API_TOKENS_FILE, env.CLUSTER_TOKEN_FILE):
+            path = e.get(var.name)
+            if not path:
+                continue
+            f = files.get(path)
+            if f is None:
+                bad.append(f"Deployment/{name}: {var.name}={path} is no file of a Secret it mounts")
+            elif (error := _token_error(data_of(named(objs, "Secret", f.secret))[f.key])) is not None:
+                bad.append(f"Deployment/{name}: Secret {f.secret}, key {f.key}: {error}")
+    return bad
+
+
+def _secret_keys(objs: list[Obj], name: str) -> set[str] | None:
+    """The keys of a Secret the overlay makes: rendered, or written by cert-manager for one of its Certificates
+    (None: nothing in the overlay makes it)."""
+    rendered = [s for s in of_kind(objs, "Secret") if s["metadata"]["name"] == name]
+    if rendered:
+        return set(data_of(rendered[0]))
+    return CERT_KEYS if any(c["spec"]["secretName"] == name for c in of_kind(objs, "Certificate")) else None
+
+
+def secret_files(objs: list[Obj]) -> list[str]:
+    """Each container (ours and Redis) mounts exactly the Secret files it names (in env values and their URLs'
+    queries, args, probe commands): least privilege, so the API tokens reach the gateway alone. Every file it names
+    under a Secret mount is one the mount holds, from a key of a Secret the overlay makes; Secret mounts are
+    read-only, their files readable by the pod's user and group only (no write bits, nothing for others)."""
+    bad = []
+    for c in workload_containers(objs):
+        who, files, names = f"{c.kind}/{c.name}", c.secret_files(objs), c.paths(objs)
+        held = {f.path for f in files}
+        bad += [f"{who}: names {p}, which its Secret mount does not hold" for p in sorted(names - held)
+                if any(p.startswith(f.mount.rstrip("/") + "/") for f in files)]
+        for f in files:
+            keys = _secret_keys(objs, f.secret)
+            if f.path not in names:
+                bad.append(f"{who}: mounts {f.secret}/{f.key} at {f.path} but never uses it")
+            if keys is None or f.key not in keys:
+                bad.append(f"{who}: mounts {f.secret}/{f.key}, which nothing in the overlay makes")
+            if f.mode & 0o227:
+                bad.append(f"{who}: {f.path} has mode {f.mode:#o}: writable, or readable by other users")
+            if not f.read_only:
+                bad.append(f"{who}: mounts {f.path} writable")
     return bad
 
 
@@ -127,12 +220,15 @@ def drain(objs: list[Obj]) -> list[str]:
 
 
 def redis_url(objs: list[Obj]) -> list[str]:
-    """Each server's RALMSPEC_REDIS_URL names the Redis Service and port, with the password Redis requires."""
+    """Each server's RALMSPEC_REDIS_URL names the Redis Service and port, with the password Redis requires, and
+    speaks what Redis serves on that port: rediss:// verifying it with a CA where Redis serves TLS (with a client
+    certificate where Redis requires one), redis:// where it serves plaintext."""
     redis = named(objs, "StatefulSet", "redis")
     labels = redis["spec"]["template"]["metadata"]["labels"]
     svc = [s for s in of_kind(objs, "Service") if s["spec"].get("selector", {}).items() <= labels.items()
            and s["spec"].get("selector")]
     password = redis_password(objs)
+    tls, mutual = redis_tls(objs)
     bad = []
     for name in servers(objs):
         url = urlsplit(_pod_env(objs, name).get(env.REDIS_URL.name, ""))
@@ -141,7 +237,31 @@ def redis_url(objs: list[Obj]) -> list[str]:
             bad.append(f"Deployment/{name}: Redis URL {url.hostname}:{url.port} is not the Redis Service")
         if url.password != password:
             bad.append(f"Deployment/{name}: the Redis URL's password is not the one Redis requires")
+        query = parse_qs(url.query)
+        want = {"ssl_ca_certs", *(["ssl_certfile", "ssl_keyfile"] if mutual else [])} if tls else set()
+        if url.scheme != ("rediss" if tls else "redis") or not want <= query.keys():
+            bad.append(f"Deployment/{name}: a {url.scheme}:// URL with {sorted(query)}, Redis serves "
+                       f"{'TLS' if tls else 'plaintext'}" + (f", which needs {sorted(want)}" if want else ""))
     return bad
+
+
+def _redis_args(objs: list[Obj]) -> dict[str, str]:
+    """redis-server's options as the StatefulSet gives them (the last of a repeated one wins, as in Redis)."""
+    redis = pod_spec(named(objs, "StatefulSet", "redis"))["containers"][0]
+    args = [str(a) for a in [*redis.get("command", [])[1:], *redis.get("args", [])]]
+    return {a[2:]: v for a, v in zip(args, [*args[1:], ""]) if a.startswith("--")}
+
+
+def redis_tls(objs: list[Obj]) -> tuple[bool, bool]:
+    """(whether Redis serves TLS on the port its Service targets, whether it requires client certificates there)."""
+    opts = _redis_args(objs)
+    redis = pod_spec(named(objs, "StatefulSet", "redis"))["containers"][0]
+    target = Container(named(objs, "StatefulSet", "redis"), redis).port(
+        named(objs, "Service", "redis")["spec"]["ports"][0]["targetPort"])
+    tls = opts.get("tls-port") == str(target)
+    if not tls and opts.get("port", "6379") != str(target):
+        raise LookupError(f"Redis serves neither plaintext nor TLS on its Service's port {target}")
+    return tls, tls and opts.get("tls-auth-clients", "yes") != "no"  # Redis requires them by default
 
 
 def redis_password(objs: list[Obj]) -> str:
@@ -158,12 +278,16 @@ def redis_password(objs: list[Obj]) -> str:
 
 def keda(objs: list[Obj]) -> list[str]:
     """Every stream-consuming service has a ScaledObject whose redis-streams trigger names its stream and consumer
-    group (services/common/contracts.py), on the Redis Service, authenticated; no trigger names any other stream."""
+    group (services/common/contracts.py), on the Redis Service, authenticated, over TLS exactly where Redis serves it
+    (KEDA's `enableTLS`, with the CA and, where Redis requires one, a client certificate); no trigger names any other
+    stream."""
     bad = []
     scaled = of_kind(objs, "ScaledObject")
     if not scaled:
         return bad  # an overlay without KEDA (cpu-hpa)
     by_target = {so["spec"]["scaleTargetRef"]["name"]: so for so in scaled}
+    tls, mutual = redis_tls(objs)
+    want = {"password", *(["ca"] if tls else []), *(["cert", "key"] if mutual else [])}  # KEDA's auth parameters
     srv = servers(objs)
     auths = {a["metadata"]["name"] for a in of_kind(objs, "TriggerAuthentication")}
     for name, (stream, group) in CONSUMERS.items():
@@ -188,6 +312,13 @@ def keda(objs: list[Obj]) -> list[str]:
                 bad.append(f"ScaledObject/{so['metadata']['name']}: address {m.get('address')} is no Service")
             if t.get("authenticationRef", {}).get("name") not in auths:
                 bad.append(f"ScaledObject/{so['metadata']['name']}: no TriggerAuthentication for Redis")
+                continue
+            ref = named(objs, "TriggerAuthentication", t["authenticationRef"]["name"])
+            params = {r["parameter"] for r in ref["spec"].get("secretTargetRef", [])}
+            if m.get("enableTLS", "false") != str(tls).lower() or not want <= params:
+                bad.append(f"ScaledObject/{so['metadata']['name']}: enableTLS {m.get('enableTLS', 'false')}, "
+                           f"authentication {sorted(params)}; Redis serves {'TLS' if tls else 'plaintext'}"
+                           + (f", which needs {sorted(want)}" if want else ""))
     for so in scaled:
         target = so["spec"]["scaleTargetRef"]["name"]
         if target not in CONSUMERS and any(t["type"] == "redis-streams" for t in so["spec"]["triggers"]):
@@ -257,8 +388,36 @@ def one_user(objs: list[Obj]) -> list[str]:
     return bad
 
 
+def tls_names(objs: list[Obj]) -> list[str]:
+    """A certificate that servers or Redis serve (a Certificate whose Secret they mount) names every host its
+    clients dial: each Service (short, .<namespace>.svc and the cluster FQDN), the Redis URLs' host and the KEDA
+    scalers' address; and it is a client certificate too where mutual TLS asks for one."""
+    served = {f.secret for c in workload_containers(objs) for f in c.secret_files(objs)}
+    certs = [c for c in of_kind(objs, "Certificate") if c["spec"]["secretName"] in served]
+    hosts = set()
+    for s in of_kind(objs, "Service"):
+        name, ns = s["metadata"]["name"], s["metadata"].get("namespace", "default")
+        hosts |= {name, f"{name}.{ns}.svc", f"{name}.{ns}.svc.cluster.local"}
+    hosts |= {urlsplit(_pod_env(objs, n).get(env.REDIS_URL.name, "")).hostname or "" for n in servers(objs)}
+    hosts |= {t["metadata"]["address"].rpartition(":")[0] for so in of_kind(objs, "ScaledObject")
+              for t in so["spec"]["triggers"] if "address" in t.get("metadata", {})}
+    mutual = redis_tls(objs)[1] or any(_pod_env(objs, n).get(env.TLS_CLIENT_AUTH.name) == "1" for n in servers(objs))
+    bad = []
+    for c in certs:
+        spec = c["spec"]
+        bad += [f"Certificate/{c['metadata']['name']}: does not name {h}"
+                for h in sorted(hosts - set(spec.get("dnsNames", [])))]
+        # No extended key usage at all (cert-manager's default usages): the certificate serves any purpose.
+        extended = set(spec.get("usages", [])) & EXTENDED_USAGES
+        for usage in ["server auth", *(["client auth"] if mutual else [])]:
+            if extended and not {usage, "any"} & extended:
+                bad.append(f"Certificate/{c['metadata']['name']}: its extended usages {sorted(extended)} lack {usage}")
+    return bad
+
+
 RULES: dict[str, Callable[[list[Obj]], list[str]]] = {
     "env_declared": env_declared, "commands": commands, "ports": ports, "probes": probes,
     "pod_network": pod_network, "drain": drain, "redis_url": redis_url, "keda": keda, "one_user": one_user,
-    "metrics_port": metrics_port,
+    "metrics_port": metrics_port, "authentication": authentication, "secret_files": secret_files,
+    "tls_names": tls_names,
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from k8s_manifests import OVERLAYS, broken, named, pod_spec, render, servers
 from k8s_rules import RULES
@@ -19,6 +21,15 @@ def container(objs, name):
 
 def env_entry(objs, deployment, var):
     return next(e for e in container(objs, deployment)["env"] if e["name"] == var)
+
+
+def volume(objs, deployment, name):
+    return next(v for v in pod_spec(named(objs, "Deployment", deployment))["volumes"] if v["name"] == name)
+
+
+def with_tls(objs):
+    """Break the cpu-tls overlay instead of cpu."""
+    objs[:] = broken(render("cpu-tls"))
 
 
 def undeclared_env(objs):
@@ -58,6 +69,55 @@ def probe_not_grpc(objs):
     container(objs, "verifier")["livenessProbe"] = {"tcpSocket": {"port": 50051}}
 
 
+def grpc_probe_on_tls_port(objs):
+    with_tls(objs)
+    container(objs, "gateway")["readinessProbe"] = {"grpc": {"port": 50051}}
+
+
+def tls_probe_under_mutual_tls(objs):
+    with_tls(objs)
+    container(objs, "lm")["livenessProbe"] = {"grpc": {"port": 50051, "mode": "TLS"}}
+
+
+def auth_off(objs):
+    named(objs, "ConfigMap", "ralmspec-config")["data"]["RALMSPEC_AUTH"] = "off"
+
+
+def gateway_without_api_tokens(objs):
+    container(objs, "gateway")["env"].remove(env_entry(objs, "gateway", "RALMSPEC_API_TOKENS_FILE"))
+
+
+def token_file_not_mounted(objs):
+    env_entry(objs, "lm", "RALMSPEC_CLUSTER_TOKEN_FILE")["value"] = "/etc/ralmspec/cluster-token"
+
+
+def short_token(objs):
+    named(objs, "Secret", "ralmspec-auth")["data"]["cluster-token"] = base64.b64encode(b"secret\n").decode()
+
+
+def api_tokens_in_lm(objs):
+    volume(objs, "lm", "auth")["secret"]["items"].append({"key": "api-tokens", "path": "api-tokens"})
+
+
+def secret_world_readable(objs):
+    volume(objs, "gateway", "auth")["secret"]["defaultMode"] = 0o644
+
+
+def secret_mount_writable(objs):
+    next(m for m in container(objs, "verifier")["volumeMounts"] if m["name"] == "auth")["readOnly"] = False
+
+
+def named_file_not_mounted(objs):
+    with_tls(objs)
+    items = volume(objs, "retriever", "tls")["secret"]["items"]
+    items.remove(next(i for i in items if i["key"] == "ca.crt"))  # its Redis URL's ssl_ca_certs
+
+
+def secret_nobody_makes(objs):
+    with_tls(objs)
+    objs.remove(named(objs, "Certificate", "ralmspec-tls"))
+
+
 def loopback_host(objs):
     named(objs, "ConfigMap", "ralmspec-config")["data"]["RALMSPEC_HOST"] = "127.0.0.1"
 
@@ -74,6 +134,17 @@ def redis_password_off(objs):
     env_entry(objs, "verifier", "RALMSPEC_REDIS_URL")["value"] = "redis://redis:6379/0"
 
 
+def plaintext_url_to_tls_redis(objs):
+    with_tls(objs)
+    env_entry(objs, "lm", "RALMSPEC_REDIS_URL")["value"] = "redis://:$(RALMSPEC_REDIS_PASSWORD)@redis:6379/0"
+
+
+def redis_url_without_client_certificate(objs):
+    with_tls(objs)
+    url = env_entry(objs, "datastore", "RALMSPEC_REDIS_URL")
+    url["value"] = url["value"].partition("&")[0]  # ssl_ca_certs only
+
+
 def keda_wrong_stream(objs):
     named(objs, "ScaledObject", "retriever")["spec"]["triggers"][0]["metadata"]["stream"] = "ralmspec:verifier"
 
@@ -84,6 +155,27 @@ def keda_wrong_group(objs):
 
 def keda_missing(objs):
     objs.remove(named(objs, "ScaledObject", "datastore"))
+
+
+def keda_plaintext_to_tls_redis(objs):
+    with_tls(objs)
+    del named(objs, "ScaledObject", "retriever")["spec"]["triggers"][0]["metadata"]["enableTLS"]
+
+
+def keda_without_client_certificate(objs):
+    with_tls(objs)
+    refs = named(objs, "TriggerAuthentication", "ralmspec-redis")["spec"]["secretTargetRef"]
+    refs.remove(next(r for r in refs if r["parameter"] == "cert"))
+
+
+def certificate_misses_redis(objs):
+    with_tls(objs)
+    named(objs, "Certificate", "ralmspec-tls")["spec"]["dnsNames"].remove("redis")
+
+
+def server_only_certificate(objs):
+    with_tls(objs)
+    named(objs, "Certificate", "ralmspec-tls")["spec"]["usages"] = ["digital signature", "server auth"]
 
 
 def job_user_differs(objs):
@@ -125,14 +217,19 @@ BREAKS = {
     "env_declared": [undeclared_env],
     "commands": [unknown_subcommand, bad_option, wrong_service],
     "ports": [container_port_off, service_target_off],
-    "probes": [probe_port_off, probe_missing, probe_not_grpc],
+    "probes": [probe_port_off, probe_missing, probe_not_grpc, grpc_probe_on_tls_port, tls_probe_under_mutual_tls],
     "pod_network": [loopback_host],
     "drain": [short_grace],
-    "redis_url": [redis_host_off, redis_password_off],
-    "keda": [keda_wrong_stream, keda_wrong_group, keda_missing],
+    "redis_url": [redis_host_off, redis_password_off, plaintext_url_to_tls_redis, redis_url_without_client_certificate],
+    "keda": [keda_wrong_stream, keda_wrong_group, keda_missing, keda_plaintext_to_tls_redis,
+             keda_without_client_certificate],
     "one_user": [job_user_differs, root_container],
     "metrics_port": [metrics_port_undeclared, metrics_port_random, scrape_annotation_off, scrape_blocked,
                      monitor_wrong_port, monitor_misses_a_service],
+    "authentication": [auth_off, gateway_without_api_tokens, token_file_not_mounted, short_token],
+    "secret_files": [api_tokens_in_lm, secret_world_readable, secret_mount_writable, named_file_not_mounted,
+                     secret_nobody_makes],
+    "tls_names": [certificate_misses_redis, server_only_certificate],
 }
 
 

@@ -1,5 +1,6 @@
-"""Both overlays render with the pinned kubectl's kustomize, and every object validates: Kubernetes kinds against
-the pinned OpenAPI schema (strict), KEDA's against keda_schema.yaml. The validators reject broken objects."""
+"""Every overlay renders with the pinned kubectl's kustomize, and every object validates: Kubernetes kinds against
+the pinned OpenAPI schema (strict), custom resources against our subsets of their CRD schemas (KEDA, the Prometheus
+Operator, cert-manager). The validators reject broken objects."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from k8s_manifests import OVERLAYS, broken, named, of_kind, pinned, pod_spec, render, validate, validate_all
 
 # What the issue asks of every overlay (kind, name); the autoscalers differ per overlay.
-COMMON = {("Namespace", "ralmspec"), ("Secret", "ralmspec-redis"), ("ConfigMap", "ralmspec-config"),
+COMMON = {("Namespace", "ralmspec"), ("Secret", "ralmspec-redis"), ("Secret", "ralmspec-auth"),
+          ("ConfigMap", "ralmspec-config"),
           ("StatefulSet", "redis"), ("Service", "redis"), ("ServiceAccount", "redis"),
           ("PersistentVolumeClaim", "ralmspec-data"), ("Job", "ralmspec-assets"), ("ServiceAccount", "assets"),
           ("NetworkPolicy", "default-deny-ingress"), ("NetworkPolicy", "gateway-public"),
@@ -21,6 +23,8 @@ KEDA = {("ScaledObject", s) for s in SERVICES} | {("TriggerAuthentication", "ral
                                                   ("NetworkPolicy", "redis-from-keda")}
 HPA = {("HorizontalPodAutoscaler", s) for s in SERVICES}
 MONITORING = {("PodMonitor", "ralmspec"), ("ConfigMap", "ralmspec-grafana-dashboard")}
+TLS = {("Issuer", "ralmspec-selfsigned"), ("Certificate", "ralmspec-ca"), ("Issuer", "ralmspec-ca"),
+       ("Certificate", "ralmspec-tls")}
 
 
 def test_tools_are_the_pinned_ones():
@@ -38,11 +42,11 @@ def test_every_object_validates(overlay):
     assert validated == len(objs)
 
 
-@pytest.mark.parametrize("overlay,autoscaling", [("cpu", KEDA), ("gpu", KEDA), ("cpu-hpa", HPA),
-                                                 ("cpu-monitoring", KEDA | MONITORING)])
-def test_objects(overlay, autoscaling):
+@pytest.mark.parametrize("overlay,extra", [("cpu", KEDA), ("gpu", KEDA), ("cpu-hpa", HPA),
+                                           ("cpu-monitoring", KEDA | MONITORING), ("cpu-tls", KEDA | TLS)])
+def test_objects(overlay, extra):
     got = {(o["kind"], o["metadata"]["name"]) for o in render(overlay)}
-    assert got == COMMON | autoscaling
+    assert got == COMMON | extra
     assert {o["metadata"].get("namespace") for o in render(overlay) if o["kind"] != "Namespace"} == {"ralmspec"}
 
 
@@ -124,3 +128,22 @@ def test_monitoring_schema_rejects(brk):
     else:
         spec["selector"]["matchExpressions"][0]["operator"] = "in"
     assert validate(pm) != []
+
+
+@pytest.mark.parametrize("brk", ["unknown_field", "no_secret", "bad_usage", "bad_duration", "ecdsa_size", "two_kinds"])
+def test_cert_manager_schema_rejects(brk):
+    objs = broken(render("cpu-tls"))
+    cert, issuer = named(objs, "Certificate", "ralmspec-tls"), named(objs, "Issuer", "ralmspec-ca")
+    if brk == "unknown_field":
+        cert["spec"]["dnsName"] = cert["spec"].pop("dnsNames")  # a typo
+    elif brk == "no_secret":
+        del cert["spec"]["secretName"]
+    elif brk == "bad_usage":
+        cert["spec"]["usages"].append("serverAuth")  # OpenSSL's spelling, not cert-manager's
+    elif brk == "bad_duration":
+        cert["spec"]["duration"] = "365d"  # Go durations have no days
+    elif brk == "ecdsa_size":
+        cert["spec"]["privateKey"]["size"] = 2048
+    else:
+        issuer["spec"]["selfSigned"] = {}
+    assert validate(issuer if brk == "two_kinds" else cert) != []
