@@ -76,8 +76,9 @@ def main() -> None:
         "kubectl": kubectl_version(), "error_messages": errors_all, "manifest_run": run, "image": image,
         "rows": rows,
     }
-    notes = (f"Validated against Kubernetes {K8S_VERSION} (kubernetes-validate --strict) and KEDA's schema subset; "
-             f"rendered with kubectl {payload['kubectl']}. Manifests as processes: "
+    notes = (f"Validated against Kubernetes {K8S_VERSION} (kubernetes-validate --strict) and the KEDA, Prometheus "
+             f"Operator and cert-manager schema subsets; rendered with kubectl {payload['kubectl']}. "
+             "Manifests as processes: "
              + (json.dumps({k: run[k] for k in ("identical", "scaled", "drain_s", "refused")}) + "; cpu-tls: "
                 + json.dumps({k: run["tls"][k] for k in ("identical", "probes", "codes")}) if run else "not run") +
              f". Image: {json.dumps(image)}."
