@@ -8,6 +8,10 @@ never a secret. `Cluster.channel` gives callers a channel that sends the right t
 Children get free ports, write their logs under `<data>/run/logs/`, die with this process (PR_SET_PDEATHSIG, set
 by each child itself),
 and are stopped with SIGTERM (graceful drain) on Ctrl-C, then killed if they linger: no orphans.
+
+Faults (`bench/chaos.py`): `Cluster.kill` signals one child (SIGKILL, SIGSTOP, SIGCONT) and `Cluster.respawn`
+starts a dead child's service again as a kubelet restarts a crashed container in its pod: same replica name, port
+and log, a fresh process.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +46,7 @@ class Child:
     proc: subprocess.Popen[bytes]
     log: Path
     metrics_port: int = 0  # its Prometheus endpoint: http://127.0.0.1:<metrics_port>/metrics
+    restarts: int = 0  # times `Cluster.respawn` started it again (a pod's RESTARTS)
 
     def tail(self, n: int = 20) -> str:
         try:
@@ -149,25 +154,58 @@ class Cluster:
         try:
             for service in ORDER:
                 for i in range(self.replicas.get(service, 0)):
-                    self._spawn(service, f"{service}-{i}-{os.getpid()}", logs)
+                    replica = f"{service}-{i}-{os.getpid()}"
+                    port = self.gateway_port if service == "gateway" and self.gateway_port else free_port()
+                    self.children.append(self._spawn(service, replica, port, free_port(), logs / f"{replica}.log"))
             self.wait_healthy(timeout_s)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _spawn(self, service: str, replica: str, logs: Path) -> None:
-        port = self.gateway_port if service == "gateway" and self.gateway_port else free_port()
-        metrics_port = free_port()
-        log = logs / f"{replica}.log"
+    def _spawn(self, service: str, replica: str, port: int, metrics_port: int, log: Path,
+               append: bool = False) -> Child:
         secrets = self.secrets.env() if self.secrets is not None else {}
         child_env = {**os.environ, **secrets, **self.extra_env, env.REDIS_URL.name: self.redis_url,
                      env.PROFILE.name: self.profile, env.PORT.name: str(port), env.REPLICA.name: replica,
                      env.METRICS_PORT.name: str(metrics_port)}
         cmd = [sys.executable, "-m", "services.cli", "serve", service, "--die-with-parent"]
-        with open(log, "wb") as out:  # its own session: Ctrl-C reaches only `up`, which stops children in order
+        # Its own session: Ctrl-C reaches only `up`, which stops children in order. A respawn appends to the log.
+        with open(log, "ab" if append else "wb") as out:
             proc = subprocess.Popen(cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.children.append(Child(service, replica, port, proc, log, metrics_port))
+        return Child(service, replica, port, proc, log, metrics_port)
+
+    def kill(self, child: Child, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Send `sig` to `child`'s process: a fault (SIGKILL: a crash; SIGSTOP, then SIGCONT: a replica frozen, e.g.
+        by a long GC pause or a throttled cgroup, that comes back)."""
+        if child.proc.poll() is None:
+            child.proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            child.proc.wait()  # reaped: its port is free for `respawn`
+
+    def respawn(self, child: Child, timeout_s: float | None = 300.0) -> Child:
+        """Start the service of `child`, whose process has exited, again, as a kubelet restarts a crashed container
+        in its pod: same replica name (the pod's name, RALMSPEC_REPLICA in the manifests), same port (a Service's
+        address) and log (appended to), same environment, a fresh process. Returns the new `Child`, which replaces
+        `child` in `children`; waits until it is SERVING unless `timeout_s` is None.
+
+        The same name keeps the replica's consumer in its streams' groups and its pinned stream `<stream>:<replica>`
+        read: calls sent to its sessions or caches while it was down are answered (NOT_FOUND: that state died with
+        the process; the gateway replays them) instead of waiting out their deadline on a stream nobody reads, and
+        its unacked entries are claimed back by itself or another replica after RALMSPEC_CLAIM_IDLE_MS. Session and
+        cache ids are random (uuid4), so a new incarnation never answers for an old one's.
+
+        Call it from a thread that lives as long as the cluster (the main thread, or one kept for the purpose): a
+        child's parent-death signal (PR_SET_PDEATHSIG) follows the thread that started it, so a child started from
+        a pool's worker thread is SIGTERMed when that worker exits."""
+        if child.proc.poll() is None:
+            raise ValueError(f"{child.replica} (pid {child.proc.pid}) is still running: kill it first")
+        fresh = self._spawn(child.service, child.replica, child.port, child.metrics_port, child.log, append=True)
+        fresh.restarts = child.restarts + 1
+        self.children[self.children.index(child)] = fresh
+        if timeout_s is not None:
+            self.wait_healthy(timeout_s, [fresh])
+        return fresh
 
     def rss_mb(self) -> dict[str, float]:
         """Each service's largest resident set among its live replicas, MB (psutil, imported here only: the
@@ -181,9 +219,11 @@ class Cluster:
                 out[c.service] = max(out.get(c.service, 0.0), mb)
         return out
 
-    def wait_healthy(self, timeout_s: float) -> None:
+    def wait_healthy(self, timeout_s: float, children: Sequence[Child] | None = None) -> None:
+        """Wait until every child (or those given) answers its gRPC health check SERVING; Unavailable (with its log's
+        tail) when one exits or is not serving after `timeout_s`."""
         end = time.monotonic() + timeout_s
-        for c in self.children:
+        for c in self.children if children is None else children:
             with grpc.insecure_channel(f"127.0.0.1:{c.port}") as ch:
                 stub = health_pb2_grpc.HealthStub(ch)
                 while True:

@@ -288,3 +288,24 @@ async def test_an_entry_that_crashes_every_replica_is_dead_lettered_and_its_call
     assert fields[b"op"] == b"Crash" and fields[b"deliveries"] == b"2" and fields[b"dead_from"] == stream.encode()
     assert (await r.xpending(stream, stream))["pending"] == 0
     assert await r.hgetall(counter_key("dead", stream)) == {f"replica-{tries}".encode(): b"1"}
+
+
+@pytest.mark.asyncio
+async def test_pooled_connections_survive_a_redis_restart() -> None:
+    # Found by bench/chaos.py: after redis-server restarted, each connection a worker's or a client's pool had kept
+    # failed the first command sent on it ("Connection closed by server"), minutes later: a reply write then left
+    # its entry for a claim (RALMSPEC_CLAIM_IDLE_MS late), a request's XADD failed its call UNAVAILABLE.
+    fake = Fake()
+    with LocalRedis(appendonly=True) as server:
+        w = worker(server.url, fake, "w1", concurrency=4, claim_idle_ms=60_000)  # a failed reply is not reclaimed
+        async with serving(w), StreamClient(server.url, block_ms=100) as client:
+
+            async def burst() -> list[str]:  # concurrent calls: several pooled connections in use at once
+                calls = [client.call(fake.stream, fake.op("Slow"), StringValue(value=f"0.{i}"), timeout_s=10)
+                         for i in range(1, 9)]
+                return [r.value for r in await asyncio.gather(*calls)]  # type: ignore[attr-defined]
+
+            assert len(await burst()) == 8
+            await asyncio.to_thread(server.restart, 0.2)
+            await asyncio.sleep(1.5)  # the worker's and the client's readers reconnect (they retry every second)
+            assert len(await burst()) == 8
