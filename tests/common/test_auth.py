@@ -20,7 +20,8 @@ from services.common.grpc_server import start_server
 from services.common.ops import Operation, ServiceDef
 from services.common.serving import ServeSettings
 
-API, CLUSTER = auth.new_token(), auth.new_token()
+# Fixed, not `new_token()`: parametrize ids embed them, and xdist workers must collect the same ids.
+API, CLUSTER = "api-token-0123456789abcdefghij", "cluster-token-0123456789abcdef"
 
 
 def test_new_tokens_are_long_and_distinct():
