@@ -121,7 +121,9 @@ class LocalRedis:
         self.proc = None
 
     def restart(self, down_s: float = 0.0, timeout_s: float = 10.0) -> LocalRedis:
-        """Stop redis-server, stay down `down_s`, start it again on the same port and dir (with its AOF, if on)."""
+        """Stop redis-server, stay down `down_s`, start it again on the same port and dir (with its AOF, if on).
+        Call it from a thread that outlives the server: its parent-death signal (PR_SET_PDEATHSIG) fires when the
+        *thread* that started it exits, not only the process (`bench/chaos.py` restarts from one long-lived thread)."""
         self._end()
         time.sleep(down_s)
         return self.start(timeout_s)
