@@ -39,9 +39,11 @@ function startUp({ profile = 'tiny', timeoutMs = 300_000 } = {}) {
   return new Promise((resolve, reject) => {
     const timer = setTimeout(() => { stop(); reject(new Error(`up not ready after ${timeoutMs} ms:\n${out}`)); },
       timeoutMs);
+    let ready = null; // set once: later output (up's shutdown lines) must not read the removed token file again
     const onData = (data) => {
       out += data;
-      const ready = /gateway ready on (\S+)/.exec(out);
+      if (ready) return;
+      ready = /gateway ready on (\S+)/.exec(out);
       if (ready) {
         clearTimeout(timer);
         // The API token `up` generated: the first line of the file it names (none when RALMSPEC_AUTH=off).
