@@ -1,9 +1,9 @@
 """TLS for gRPC (server and client, mutual optional) and for Redis (`rediss://`), from PEM files.
 
-One `Tls` names this process's certificate and key (served by its gRPC server, and presented as a client
-certificate when the peer asks for one) and the CA bundle that verifies peers. With `client_auth` the server
-refuses a client without a certificate the CA signed (mutual TLS). A plaintext client of a TLS port fails its
-handshake: gRPC answers it UNAVAILABLE, it never reaches a handler.
+One `Tls` names a server's certificate and key and the CA bundle that verifies its clients; a client's credentials
+(`client_credentials`) name the CA that verifies the server and, for mutual TLS, its own certificate. With
+`client_auth` the server refuses a client without a certificate the CA signed. A plaintext client of a TLS port fails
+its handshake: gRPC answers it UNAVAILABLE, it never reaches a handler.
 
 Redis over TLS needs no code here: redis-py takes `rediss://` URLs, and the CA and client certificate ride in the
 URL's query (`rediss://:<password>@host:6380/0?ssl_ca_certs=/etc/tls/ca.pem`); `redact` keeps such a URL's
@@ -23,7 +23,7 @@ from services.common import env
 
 @dataclass(frozen=True)
 class Tls:
-    cert: Path  # PEM certificate chain of this process (server certificate; client certificate for mutual TLS)
+    cert: Path  # PEM certificate chain this process's gRPC server serves
     key: Path  # its PEM private key
     ca: Path | None = None  # PEM bundle that verifies peers; None: the system's roots (clients), no client check
     client_auth: bool = False  # server: require a client certificate signed by `ca`
@@ -60,15 +60,9 @@ class Tls:
         cert, key, ca = self.read()
         return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=self.client_auth)
 
-    def channel_credentials(self, present_cert: bool = True) -> grpc.ChannelCredentials:
-        """A client's: verify the server with `ca`; present this certificate (for servers that require one)."""
-        cert, key, ca = self.read()
-        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key if present_cert else None,
-                                            certificate_chain=cert if present_cert else None)
-
-
 def client_credentials(ca: Path | None, cert: Path | None = None, key: Path | None = None) -> grpc.ChannelCredentials:
-    """A client that has no certificate of its own (or another one than a service's): verify with `ca`."""
+    """A client's: verify the server with `ca` (None: the system's roots); present `cert` and `key` to a server that
+    requires a client certificate (mutual TLS)."""
     return grpc.ssl_channel_credentials(root_certificates=None if ca is None else ca.read_bytes(),
                                         private_key=None if key is None else key.read_bytes(),
                                         certificate_chain=None if cert is None else cert.read_bytes())
