@@ -79,6 +79,9 @@ def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], r
     return rows
 
 
+SCALING = [3000, 10000, 10**9]  # 10**9: the whole corpus
+
+
 def scaling(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], cfg: RalmConfig,
             sizes: list[int]) -> list[dict]:
     """Speedup of +PSA over both baselines with the exact retriever on the first N real passages."""
@@ -109,7 +112,9 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--retrievers", nargs="+", default=["exact", "approx", "sparse"])
-    ap.add_argument("--scaling", nargs="*", type=int, default=[10000, 30000, 10**9])
+    ap.add_argument("--scaling", nargs="*", type=int, default=SCALING,
+                    help=f"index sizes in passages (default {SCALING}; all of them: 10**9); given alone, the default")
+    ap.add_argument("--no-scaling", action="store_true")
     ap.add_argument("--name", default="ralmspec")
     args = ap.parse_args()
     settings = GatewaySettings.from_env(profile=args.profile)
@@ -124,7 +129,7 @@ def main() -> None:
     rows = []
     for r in args.retrievers:
         rows += run_methods(engine, spec, prompts, r, cfg, METHODS)
-    scale = scaling(engine, spec, prompts, cfg, args.scaling) if args.scaling else []
+    scale = [] if args.no_scaling else scaling(engine, spec, prompts, cfg, args.scaling or SCALING)
     write(args.name, {"passages": len(engine.docs), "profile": args.profile, "questions": len(prompts),
                       "max_new_tokens": args.max_new_tokens, "rows": rows, "scaling": scale},
           ["retriever", "method", "latency_s", "latency", "speedup_vs_paper", "vs_paper_per_request",

@@ -9,10 +9,12 @@ protocol-free: each adapter fills it from its own protocol); the adapters only d
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import inspect
 import threading
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -61,6 +63,40 @@ class Call:
             raise DeadlineExceeded(f"the request ran past {self.what}")
         if self.cancelled.is_set():
             raise Cancelled("the client cancelled the request")
+
+    def ended(self) -> bool:
+        """The deadline passed or the caller has gone."""
+        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[Call]:
+        """Run the block on behalf of this call: `Call.current()` returns it there, and in the threads of the
+        `ContextExecutor`s the block submits to (a request's verification threads), so that the calls the work
+        makes to other services wait no longer than its own caller does (`Call.timeout`)."""
+        token = _CURRENT.set(self)
+        try:
+            yield self
+        finally:
+            _CURRENT.reset(token)
+
+    @staticmethod
+    def current() -> Call | None:
+        return _CURRENT.get()
+
+    @staticmethod
+    def timeout(limit_s: float) -> float:
+        """The timeout for a call made now to another service: `limit_s`, or less when the call being served
+        ends sooner. Raises DeadlineExceeded (or Cancelled) when it has already ended: nobody waits for the
+        reply."""
+        served = _CURRENT.get()
+        if served is None:
+            return limit_s
+        served.check()
+        left = served.remaining()
+        return limit_s if left is None else min(limit_s, left)
+
+
+_CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("ralmspec_call", default=None)
 
 
 def _takes_call(handler: Callable[..., Any]) -> bool:

@@ -69,7 +69,7 @@ class RequestPool:
         self.running += 1
         loop, started = asyncio.get_running_loop(), time.monotonic()
         try:
-            future = self._threads.submit(fn)
+            future = self._threads.submit(_serving, call, fn)
         except BaseException:
             self._finished(started, None)
             raise
@@ -103,3 +103,9 @@ class RequestPool:
     def close(self) -> None:
         """Wait for the running requests (their callers are gone by now: they stop at their next step)."""
         self._threads.shutdown(wait=True, cancel_futures=True)
+
+
+def _serving(call: Call, fn: Callable[[], R]) -> R:
+    """fn() on behalf of `call` (its calls to other services end by the request's deadline: `Call.timeout`)."""
+    with call.serving():
+        return fn()

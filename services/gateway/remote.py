@@ -22,7 +22,7 @@ from ralmspec.v1 import verifier_pb2 as vpb
 
 from services.common.contracts import DATASTORE, LM, RETRIEVER, VERIFIER
 from services.common.errors import DeadlineExceeded, NotFound
-from services.common.ops import ServiceDef
+from services.common.ops import Call, ServiceDef
 from services.common.transport import StreamClient
 from services.common.wire import knn_index, retriever_kind, vector_bytes, vector_from_bytes
 from services.datastore.draft_tree import DraftTree
@@ -46,8 +46,12 @@ class Bridge:
     def __init__(self, client: StreamClient, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
         self.client, self.loop, self.timeout_s = client, loop, timeout_s
 
-    def call(self, service: ServiceDef, op: str, request: Message, reply: type[M], stream: str | None = None) -> M:
-        coro = self.client.call(stream or service.stream, service.ops[op], request, timeout_s=self.timeout_s)
+    def call(self, service: ServiceDef, op: str, request: Message, reply: type[M], stream: str | None = None,
+             cleanup: bool = False) -> M:
+        """`op`'s reply, waited for no longer than the request being served waits (`Call.timeout`: a client that
+        gave up frees the gateway's thread); `cleanup` calls (closing a session, a cache) go out even after it."""
+        timeout = self.timeout_s if cleanup else Call.timeout(self.timeout_s)
+        coro = self.client.call(stream or service.stream, service.ops[op], request, timeout_s=timeout)
         out = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
         assert isinstance(out, reply)
         return out
@@ -98,8 +102,8 @@ class RemoteLm:
             try:
                 return self.bridge.call(LM, op, make(real), reply, stream)
             except LOST as e:
-                if attempt:
-                    raise
+                if attempt or ((served := Call.current()) is not None and served.ended()):
+                    raise  # lost twice, or the request itself ended (its deadline cut the call short)
                 log.warning("LM session %s on %s lost (%s); replaying the %s on a new session", real, stream, e, op)
                 self.bridge.count_replay(LM)
                 self.where[sid] = self._open()
@@ -109,7 +113,7 @@ class RemoteLm:
         real, stream = self.where.pop(sid)
         try:
             return self.bridge.call(LM, "CloseSession", lpb.CloseSessionRequest(session_id=real),
-                                    lpb.CloseSessionReply, stream).existed
+                                    lpb.CloseSessionReply, stream, cleanup=True).existed
         except LOST:
             return False  # its replica is gone, and the session with it
 
@@ -168,7 +172,7 @@ class _PinnedCache:
     def close(self) -> None:
         try:
             self.bridge.call(DATASTORE, "CloseCache", dpb.CloseCacheRequest(cache_id=self.cache_id),
-                             dpb.CloseCacheReply, self.stream)
+                             dpb.CloseCacheReply, self.stream, cleanup=True)
         except LOST:
             pass  # gone with its replica
 

@@ -128,3 +128,35 @@ def test_a_cancelled_running_request_holds_its_thread_until_the_controller_stops
 def test_bad_bounds_are_refused():
     with pytest.raises(InvalidRequest, match="RALMSPEC_CONCURRENCY"):
         RequestPool(workers=0, max_queue=1)
+
+
+def test_a_request_s_calls_to_other_services_wait_no_longer_than_the_request():
+    """The pool runs a request on behalf of its Call: the request's thread and the threads it hands work to (a
+    verification pool) cap every call's timeout at the time the request has left, and refuse once it ended."""
+    from services.common.tracing import ContextExecutor
+
+    assert Call.current() is None and Call.timeout(120.0) == 120.0  # outside a request: the service's limit
+    verifier = ContextExecutor(1)
+
+    def request() -> tuple[float, float, float]:
+        on_thread = Call.timeout(120.0)
+        in_verifier = verifier.submit(Call.timeout, 120.0).result()
+        return on_thread, in_verifier, Call.timeout(0.5)
+
+    async def main() -> None:
+        pool = RequestPool(workers=1, max_queue=0)
+        on_thread, in_verifier, short = await pool.run(request, Call.expiring_in(5.0, "its deadline"))
+        assert 4.0 < on_thread <= 5.0 and 4.0 < in_verifier <= on_thread and short == 0.5
+        assert await pool.run(lambda: Call.timeout(3.0), Call()) == 3.0  # no deadline: the limit
+        ended = Call.expiring_in(0.05, "its 0.05 s deadline")
+
+        def late() -> float:
+            time.sleep(0.1)
+            return Call.timeout(120.0)
+
+        with pytest.raises(DeadlineExceeded, match="ran past its 0.05 s deadline"):
+            await pool.run(late, ended)
+        pool.close()
+
+    asyncio.run(main())
+    verifier.shutdown()
