@@ -12,6 +12,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from services.common.rotation import rotated
+
+__all__ = ["RESULTS", "chart", "markdown_table", "provenance", "rotated", "spread", "spread_text", "write"]
+
 G = TypeVar("G")
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,13 +54,6 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def rotated(items: Sequence[G], i: int) -> list[G]:
-    """`items` starting at position i mod len: request i runs the methods in this order, so that warm-up and
-    drift in machine speed hit every method alike."""
-    k = i % len(items) if items else 0
-    return [*items[k:], *items[:k]]
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

@@ -26,6 +26,7 @@ from ralmspec.v1 import gateway_pb2_grpc
 from services.assets import build, missing, table
 from services.common import env
 from services.common.layout import Layout
+from services.common.rotation import rotated
 from services.common.wire import retriever_kind
 from services.retriever.corpus import read_questions
 from services.retriever.docstore import DocStore
@@ -35,6 +36,9 @@ from services.up import Cluster
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FIRST_PROFILE = "tiny"  # builds in a few minutes: the first answer comes from it while the demo's profile builds
+# Each request runs ROUNDS times, modes in rotated order, and its fastest round counts: this VM's noise only adds
+# time (another tenant, a page fault), and one round's noise (±5%) hid what the modes differ by.
+ROUNDS = 2
 MODES = {"baseline-paper": pb.MODE_BASELINE_PAPER, "baseline-kv": pb.MODE_BASELINE_KV, "ralmspec": pb.MODE_RALMSPEC}
 
 
@@ -98,21 +102,24 @@ def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_toke
     for i, q in enumerate(questions):
         print(f"Q: {q.question}   (gold: {' | '.join(q.answers)})")
         for retriever in ("exact", "approx", "sparse"):
-            replies = {}
-            for mode, m in order[i % 3:] + order[: i % 3]:  # rotated per question: no mode always runs first
-                req = pb.GenerateRequest(question=q.question, retriever=retriever_kind(retriever), mode=m,
-                                         max_new_tokens=max_new_tokens)
-                replies[mode] = stub.Generate(req, timeout=600)
-                times.setdefault((retriever, mode), []).append(replies[mode].stats.time.total_s)
-            r = replies["ralmspec"]
-            ok = all(list(x.token_ids) == list(r.token_ids) for x in replies.values())
+            replies: dict[str, list] = {}
+            for rnd in range(ROUNDS):
+                for mode, m in rotated(order, i + rnd):  # no mode always runs first
+                    req = pb.GenerateRequest(question=q.question, retriever=retriever_kind(retriever), mode=m,
+                                             max_new_tokens=max_new_tokens)
+                    replies.setdefault(mode, []).append(stub.Generate(req, timeout=600))
+            for mode, rs in replies.items():
+                times.setdefault((retriever, mode), []).append(min(x.stats.time.total_s for x in rs))
+            r = replies["ralmspec"][0]
+            ok = all(list(x.token_ids) == list(r.token_ids) for rs in replies.values() for x in rs)
             same, total = same + ok, total + 1
             passages = ", ".join(f"[{p.passage_id}] {p.title or '(untitled)'}" for p in r.passages)
             print(f"  {retriever:<7} {r.text!r:<36} identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}  "
                   f"{passages}")
         print()
     print(f"identical tokens in {same}/{total} (question, retriever) pairs across the three modes")
-    print("mean latency per request through the services (s), and RaLMSpec's speedup:")
+    print(f"mean latency per request through the services (s; each request's fastest of {ROUNDS} rounds), and "
+          "RaLMSpec's speedup:")
     for retriever in ("exact", "approx", "sparse"):
         mean = {m: statistics.mean(times[(retriever, m)]) for m in MODES}
         print(f"  {retriever:<7} paper {mean['baseline-paper']:.2f}  kv {mean['baseline-kv']:.2f}  "
@@ -132,16 +139,19 @@ def knn(stub: gateway_pb2_grpc.GatewayServiceStub, profile: str, n: int, max_new
     modes = [("baseline", pb.MODE_BASELINE_KV), ("ralmspec", pb.MODE_RALMSPEC)]
     times: dict[str, list[float]] = {"baseline": [], "ralmspec": []}
     for i, p in enumerate(prompts):
-        replies = {}
-        for mode, m in modes[i % 2:] + modes[: i % 2]:
-            replies[mode] = stub.Generate(pb.GenerateRequest(prompt=p, max_new_tokens=max_new_tokens, mode=m,
-                                                             knn=pb.Knn()), timeout=600)
-            times[mode].append(replies[mode].stats.time.total_s)
-        r = replies["ralmspec"]
-        ok = list(r.token_ids) == list(replies["baseline"].token_ids)
+        replies: dict[str, list] = {}
+        for rnd in range(ROUNDS):
+            for mode, m in rotated(modes, i + rnd):
+                replies.setdefault(mode, []).append(stub.Generate(pb.GenerateRequest(
+                    prompt=p, max_new_tokens=max_new_tokens, mode=m, knn=pb.Knn()), timeout=600))
+        for mode, rs in replies.items():
+            times[mode].append(min(x.stats.time.total_s for x in rs))
+        r = replies["ralmspec"][0]
+        ok = all(list(x.token_ids) == list(r.token_ids) for rs in replies.values() for x in rs)
         print(f"  {p[:60]!r}... -> {r.text!r}\n    identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}")
     base, spec = statistics.mean(times["baseline"]), statistics.mean(times["ralmspec"])
-    print(f"  mean latency per request: baseline {base:.2f} s, speculative {spec:.2f} s -> {base / spec:.2f}x")
+    print(f"  mean latency per request (fastest of {ROUNDS} rounds): baseline {base:.2f} s, speculative {spec:.2f} s "
+          f"-> {base / spec:.2f}x")
 
 
 if __name__ == "__main__":
