@@ -39,7 +39,9 @@ def provenance() -> dict:
     return {
         "command": _command(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "git_revision": git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+        # "+dirty": code differs from the commit (results written by this or an earlier run do not count)
+        "git_revision": git("rev-parse", "--short", "HEAD")
+        + ("+dirty" if git("status", "--porcelain", "--", ":/", ":!/bench/results") else ""),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
                     "torch": torch.__version__,
