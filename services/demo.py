@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 FIRST_PROFILE = "tiny"  # builds in a few minutes: the first answer comes from it while the demo's profile builds
 # Each request runs ROUNDS times, modes in rotated order, and its fastest round counts: this VM's noise only adds
 # time (another tenant, a page fault), and one round's noise (±5%) hid what the modes differ by.
-ROUNDS = 2
+ROUNDS = 3
 MODES = {"baseline-paper": pb.MODE_BASELINE_PAPER, "baseline-kv": pb.MODE_BASELINE_KV, "ralmspec": pb.MODE_RALMSPEC}
 
 
