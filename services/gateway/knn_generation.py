@@ -29,6 +29,7 @@ import torch
 from services.common.errors import InvalidRequest
 from services.common.ops import Call
 from services.datastore.knn_cache import check_successors
+from services.gateway.os3 import CostMemories
 from services.gateway.ralm import DEADLINE_S, MAX_NEW_TOKENS, Emit, RalmResult, deadline_clock
 from services.gateway.speculation import SpecConfig, SpeculationLoop, verification_pool
 from services.lm.engine import StopSets
@@ -131,6 +132,7 @@ class KnnLmEngine:
         self.stop_sets = stops or StopSets.of(tokenizer)
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
+        self._costs = CostMemories()  # OS³'s a and b per (index, k), from earlier requests
 
     def encode(self, text: str) -> list[int]:
         ids = list(self.tok(text, add_special_tokens=False).input_ids)  # type: ignore[operator]
@@ -200,7 +202,8 @@ class KnnLmEngine:
             cache = self.backends.caches()
             opened.callback(cache.close)
             steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.cached_successors(spec), res)
-            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy,
+                                  self._costs((req.knn.index, req.knn.k))).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals
         res.stats.update(out.stats)

@@ -32,8 +32,9 @@ threshold, `services/retriever/dense.py`). So b(s) = b0 + b1·s is fitted online
 from __future__ import annotations
 
 import statistics
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 Cost = float | Callable[[int], float]  # verification latency: a constant, or a function of the batch size s
@@ -95,6 +96,7 @@ class OS3:
         self._rounds: deque[tuple[int, int]] = deque(maxlen=config.window)  # (stride s, matched M)
         self._a: deque[float] = deque(maxlen=config.latency_window)
         self._b: deque[tuple[int, float]] = deque(maxlen=config.latency_window)  # (batch size, seconds)
+        self.measured_a = self.measured_b = 0  # samples this scheduler measured itself (not seeded)
 
     def observe_round(self, stride: int, matched: int) -> None:
         if not 0 <= matched <= stride:
@@ -103,9 +105,11 @@ class OS3:
 
     def observe_speculation(self, seconds: float) -> None:
         self._a.append(seconds)
+        self.measured_a += 1
 
     def observe_verification(self, seconds: float, queries: int = 1) -> None:
         self._b.append((queries, seconds))
+        self.measured_b += 1
 
     def verification_cost(self) -> Cost:
         """b(s) = b0 + b1·s by least squares over the recent samples (b1, b0 ≥ 0). When every sample had the same
@@ -154,3 +158,42 @@ class OS3:
         if not self.config.allow_plain or not self._a or not self._b:
             return True
         return self._stride(self.config.gamma_cap) > 0
+
+
+class CostMemory:
+    """a and b as earlier requests measured them, for one engine and workload (RaLM: retriever and stride;
+    KNN-LM: index and k). They are the machine's costs, not the request's, so a new request starts from them:
+    when they say that even γ at its cap could not pay (`OS3.worth_watching`), its plain steps are the
+    baseline's from the first one (no shadow lookup, no cache insert, the cache never opened), where a request
+    measuring them itself spent its first steps watching: most of a short QA answer (1-2 strides). γ is the
+    request's own: speculation still waits for its own shadow lookups. Every request's plain steps keep
+    measuring a and b, and `learn` takes them in, so the memory follows the machine. Thread-safe."""
+
+    def __init__(self, keep: int = 16) -> None:
+        self._a: deque[float] = deque(maxlen=keep)
+        self._b: deque[tuple[int, float]] = deque(maxlen=keep)
+        self._lock = threading.Lock()
+
+    def seed(self, os3: OS3) -> None:
+        with self._lock:
+            os3._a.extend(self._a)
+            os3._b.extend(self._b)
+
+    def learn(self, os3: OS3) -> None:
+        """Take in what `os3` measured itself (not what it was seeded with)."""
+        a, b = list(os3._a), list(os3._b)
+        with self._lock:
+            self._a.extend(a[len(a) - min(os3.measured_a, len(a)):])
+            self._b.extend(b[len(b) - min(os3.measured_b, len(b)):])
+
+
+class CostMemories:
+    """One `CostMemory` per workload key, made on first use (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[Hashable, CostMemory] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, key: Hashable) -> CostMemory:
+        with self._lock:
+            return self._by_key.setdefault(key, CostMemory())

@@ -26,6 +26,7 @@ from typing import Any
 
 from services.common.ops import Call
 from services.gateway.backends import Cache
+from services.gateway.os3 import CostMemories
 from services.gateway.prefetch import PrefetchPolicy
 from services.gateway.ralm import Emit, RalmConfig, RalmEngine, RalmResult
 from services.gateway.speculation import PRESETS, SpecConfig, SpeculationLoop, verification_pool
@@ -128,6 +129,7 @@ class SpeculativeRalm:
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
         self._encoder = verification_pool(verify_workers, "encode")
+        self._costs = CostMemories()  # OS³'s a and b per (retriever, stride), from earlier requests
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
                  emit: Emit | None = None, call: Call | None = None) -> RalmResult:
@@ -150,7 +152,8 @@ class SpeculativeRalm:
             opened.callback(cache.close)
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res,
                              on_time, self._encoder)
-            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy).run()
+            out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy,
+                                  self._costs((retriever, cfg.stride))).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals

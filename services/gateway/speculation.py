@@ -32,7 +32,7 @@ from typing import Any, Generic, Protocol, TypeVar
 from services.common.bounds import Bound
 from services.common.errors import InvalidRequest
 from services.common.tracing import ContextExecutor
-from services.gateway.os3 import OS3, OS3Config
+from services.gateway.os3 import OS3, CostMemory, OS3Config
 from services.retriever.types import PASSAGE_K
 
 K = TypeVar("K")  # a step's query key
@@ -157,10 +157,12 @@ class SpeculationLoop(Generic[K, G, T]):
 
     def __init__(self, g: Granularity[K, G, T], spec: SpecConfig, pool: ThreadPoolExecutor,
                  clock: Callable[[], None] = lambda: None, emit: Emit | None = None,
-                 books: ThreadPoolExecutor | None = None, busy: Callable[[], bool] = lambda: False) -> None:
+                 books: ThreadPoolExecutor | None = None, busy: Callable[[], bool] = lambda: False,
+                 costs: CostMemory | None = None) -> None:
         """`pool`: asynchronous verification; `books`: plain steps' bookkeeping (None: inline, on the critical
         path); `busy`: the server is loaded, so speculation pauses (plain steps without bookkeeping, the
-        baseline's steps) until it is not: vLLM's `speculative_disable_by_batch_size`, checked every round."""
+        baseline's steps) until it is not: vLLM's `speculative_disable_by_batch_size`, checked every round;
+        `costs`: a and b from earlier requests of the same workload (OS³ starts from them, and learns this one's)."""
         spec.validate()
         self.g, self.spec, self.pool, self.clock, self.emit, self.books = g, spec, pool, clock, emit, books
         self.busy = busy
@@ -169,6 +171,9 @@ class SpeculationLoop(Generic[K, G, T]):
         self.os3 = OS3(OS3Config(window=spec.gamma_window, gamma_cap=spec.gamma_cap or g.gamma_cap,
                                  max_stride=spec.max_stride, initial_stride=spec.stride,
                                  asynchronous=spec.asynchronous))
+        self.costs = costs
+        if costs is not None and spec.os3:
+            costs.seed(self.os3)
         self.res = LoopResult()
         self.speculated = self.matched = self.rounds = self.rollbacks = self.calls = self.plain_steps = 0
         self.strides: list[int] = []  # steps speculated in each round
@@ -339,10 +344,13 @@ class SpeculationLoop(Generic[K, G, T]):
     # -- the round loop --------------------------------------------------------------------------------
     def run(self) -> LoopResult:
         try:
-            return self._run()
+            out = self._run()
         finally:
             if self._book is not None:  # the cache closes after this: no insert may outlive the request
                 self._book.exception()
+        if self.costs is not None and self.spec.os3:
+            self.costs.learn(self.os3)
+        return out
 
     def _run(self) -> LoopResult:
         self.plain_step(first=True)  # 0) the first step retrieves for real (the cache is empty)

@@ -132,3 +132,27 @@ def test_plain_steps_stop_watching_where_no_gamma_could_pay():
     # the margin: a predicted gain of ~1% (a 7 ms IVF search) is not taken
     assert optimal_stride(0.12, 0.007, 0.95, asynchronous=True, allow_plain=True, min_gain=0.05) == 0
     assert optimal_stride(0.12, 0.007, 0.95, asynchronous=True, allow_plain=True) >= 1
+
+
+def test_cost_memory_starts_a_request_from_earlier_costs_and_learns_only_what_it_measured():
+    from services.gateway.os3 import CostMemories
+
+    memories = CostMemories()
+    memory = memories(("exact", 4))
+    assert memories(("exact", 4)) is memory and memories(("exact", 2)) is not memory
+    first = OS3(OS3Config())
+    memory.seed(first)
+    assert first.worth_watching()  # nothing known yet: watch
+    first.observe_speculation(0.5)  # a stride's decode with its re-prefill (RaLM on a CPU)
+    first.observe_verification(0.01)  # a search
+    assert not first.worth_watching()  # no γ could pay for a 0.5 s step with a 10 ms search
+    memory.learn(first)
+    second = OS3(OS3Config())
+    memory.seed(second)
+    assert not second.worth_watching()  # from its first step: no shadow lookups, the baseline's step
+    assert (second.measured_a, second.measured_b) == (0, 0)
+    second.observe_speculation(0.4)
+    memory.learn(second)  # only the 0.4 it measured, not the seeded 0.5 again
+    third = OS3(OS3Config())
+    memory.seed(third)
+    assert sorted(third._a) == [0.4, 0.5] and list(third._b) == [(1, 0.01)]
