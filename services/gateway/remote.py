@@ -52,7 +52,14 @@ class Bridge:
         gave up frees the gateway's thread); `cleanup` calls (closing a session, a cache) go out even after it."""
         timeout = self.timeout_s if cleanup else Call.timeout(self.timeout_s)
         coro = self.client.call(stream or service.stream, service.ops[op], request, timeout_s=timeout)
-        out = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        try:
+            out = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        except DeadlineExceeded:
+            served = Call.current()
+            if served is None or timeout >= self.timeout_s:
+                raise
+            # the request's own deadline cut the call short: say so, as the engines do between steps
+            raise DeadlineExceeded(f"the request ran past {served.what}") from None
         assert isinstance(out, reply)
         return out
 
