@@ -95,6 +95,26 @@ def first_answer(t0: float, max_new_tokens: int) -> None:
               f"(RaLMSpec, exact retriever, {FIRST_PROFILE} profile)", flush=True)
 
 
+def in_rounds(stub: gateway_pb2_grpc.GatewayServiceStub, modes: list[tuple[str, pb.Mode]], i: int,  # type: ignore[type-arg]
+              request: pb.GenerateRequest) -> dict[str, list[pb.GenerateReply]]:
+    """Each mode's replies to `request` (the i-th asked) over ROUNDS rounds, each round in a rotated order (no mode
+    always runs first)."""
+    replies: dict[str, list[pb.GenerateReply]] = {}
+    for rnd in range(ROUNDS):
+        for mode, m in rotated(modes, i + rnd):
+            req = pb.GenerateRequest()
+            req.CopyFrom(request)
+            req.mode = m
+            replies.setdefault(mode, []).append(stub.Generate(req, timeout=600))
+    return replies
+
+
+def identical(replies: dict[str, list[pb.GenerateReply]]) -> bool:
+    """Every reply of every mode has the same tokens."""
+    first = list(next(iter(replies.values()))[0].token_ids)
+    return all(list(x.token_ids) == first for rs in replies.values() for x in rs)
+
+
 def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_tokens: int) -> None:  # type: ignore[type-arg]
     times: dict[tuple[str, str], list[float]] = {}
     same = total = 0
@@ -102,16 +122,12 @@ def ask(stub: gateway_pb2_grpc.GatewayServiceStub, questions: list, max_new_toke
     for i, q in enumerate(questions):
         print(f"Q: {q.question}   (gold: {' | '.join(q.answers)})")
         for retriever in ("exact", "approx", "sparse"):
-            replies: dict[str, list] = {}
-            for rnd in range(ROUNDS):
-                for mode, m in rotated(order, i + rnd):  # no mode always runs first
-                    req = pb.GenerateRequest(question=q.question, retriever=retriever_kind(retriever), mode=m,
-                                             max_new_tokens=max_new_tokens)
-                    replies.setdefault(mode, []).append(stub.Generate(req, timeout=600))
+            replies = in_rounds(stub, order, i, pb.GenerateRequest(
+                question=q.question, retriever=retriever_kind(retriever), max_new_tokens=max_new_tokens))
             for mode, rs in replies.items():
                 times.setdefault((retriever, mode), []).append(min(x.stats.time.total_s for x in rs))
             r = replies["ralmspec"][0]
-            ok = all(list(x.token_ids) == list(r.token_ids) for rs in replies.values() for x in rs)
+            ok = identical(replies)
             same, total = same + ok, total + 1
             passages = ", ".join(f"[{p.passage_id}] {p.title or '(untitled)'}" for p in r.passages)
             print(f"  {retriever:<7} {r.text!r:<36} identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}  "
@@ -139,15 +155,11 @@ def knn(stub: gateway_pb2_grpc.GatewayServiceStub, profile: str, n: int, max_new
     modes = [("baseline", pb.MODE_BASELINE_KV), ("ralmspec", pb.MODE_RALMSPEC)]
     times: dict[str, list[float]] = {"baseline": [], "ralmspec": []}
     for i, p in enumerate(prompts):
-        replies: dict[str, list] = {}
-        for rnd in range(ROUNDS):
-            for mode, m in rotated(modes, i + rnd):
-                replies.setdefault(mode, []).append(stub.Generate(pb.GenerateRequest(
-                    prompt=p, max_new_tokens=max_new_tokens, mode=m, knn=pb.Knn()), timeout=600))
+        replies = in_rounds(stub, modes, i, pb.GenerateRequest(prompt=p, max_new_tokens=max_new_tokens, knn=pb.Knn()))
         for mode, rs in replies.items():
             times[mode].append(min(x.stats.time.total_s for x in rs))
         r = replies["ralmspec"][0]
-        ok = all(list(x.token_ids) == list(r.token_ids) for rs in replies.values() for x in rs)
+        ok = identical(replies)
         print(f"  {p[:60]!r}... -> {r.text!r}\n    identical={ok}  spec accuracy {r.stats.spec_accuracy:.2f}")
     base, spec = statistics.mean(times["baseline"]), statistics.mean(times["ralmspec"])
     print(f"  mean latency per request (fastest of {ROUNDS} rounds): baseline {base:.2f} s, speculative {spec:.2f} s "

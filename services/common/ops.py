@@ -64,10 +64,6 @@ class Call:
         if self.cancelled.is_set():
             raise Cancelled("the client cancelled the request")
 
-    def ended(self) -> bool:
-        """The deadline passed or the caller has gone."""
-        return self.cancelled.is_set() or (self.deadline is not None and time.monotonic() > self.deadline)
-
     @contextlib.contextmanager
     def serving(self) -> Iterator[Call]:
         """Run the block on behalf of this call: `Call.current()` returns it there, and in the threads of the

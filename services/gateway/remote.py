@@ -50,7 +50,10 @@ class Bridge:
              cleanup: bool = False) -> M:
         """`op`'s reply, waited for no longer than the request being served waits (`Call.timeout`: a client that
         gave up frees the gateway's thread); `cleanup` calls (closing a session, a cache) go out even after it."""
-        timeout = self.timeout_s if cleanup else Call.timeout(self.timeout_s)
+        try:
+            timeout = self.timeout_s if cleanup else Call.timeout(self.timeout_s)
+        except DeadlineExceeded as e:  # the request ended before the call: nothing sent
+            raise RequestDeadline(str(e)) from None
         coro = self.client.call(stream or service.stream, service.ops[op], request, timeout_s=timeout)
         try:
             out = asyncio.run_coroutine_threadsafe(coro, self.loop).result()
@@ -59,7 +62,7 @@ class Bridge:
             if served is None or timeout >= self.timeout_s:
                 raise
             # the request's own deadline cut the call short: say so, as the engines do between steps
-            raise DeadlineExceeded(f"the request ran past {served.what}") from None
+            raise RequestDeadline(f"the request ran past {served.what}") from None
         assert isinstance(out, reply)
         return out
 
@@ -69,6 +72,11 @@ class Bridge:
 
 
 LOST = (NotFound, DeadlineExceeded)  # a pinned replica restarted (state gone) or died (its stream unread)
+
+
+class RequestDeadline(DeadlineExceeded):
+    """A call cut short (or never sent) because the request it served reached its deadline: the request is over
+    and no replica was lost, so the LOST handlers re-raise it rather than replay the call or rebuild a cache."""
 
 
 class RemoteLm:
@@ -108,9 +116,11 @@ class RemoteLm:
             real, stream = self.where[sid]
             try:
                 return self.bridge.call(LM, op, make(real), reply, stream)
+            except RequestDeadline:
+                raise
             except LOST as e:
-                if attempt or ((served := Call.current()) is not None and served.ended()):
-                    raise  # lost twice, or the request itself ended (its deadline cut the call short)
+                if attempt:
+                    raise
                 log.warning("LM session %s on %s lost (%s); replaying the %s on a new session", real, stream, e, op)
                 self.bridge.count_replay(LM)
                 self.where[sid] = self._open()
@@ -176,6 +186,8 @@ class _PinnedCache:
             self.cache_id, self.stream = self._open()
         try:
             return self.bridge.call(DATASTORE, op, make(self.cache_id), reply, self.stream)
+        except RequestDeadline:
+            raise
         except LOST as e:
             log.warning("speculation cache %s on %s lost (%s); rebuilding it", self.cache_id, self.stream, e)
             self.bridge.count_replay(DATASTORE)
