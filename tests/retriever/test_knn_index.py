@@ -253,6 +253,41 @@ def test_max_tokens_caps_entries(model, tmp_path):
         int((np.asarray(store.text) == last).sum())]
 
 
+def test_a_smaller_build_over_a_prefix_seeds_a_larger_one(model, tmp_path, monkeypatch):
+    """default's datastore is large's first passages: a seeded build prefills only the passages the seed does not
+    hold whole (its cap cut the last one) and equals an unseeded build; a seed over other passages is ignored."""
+    texts = _texts(2, 40, 30)
+    tok, kw = WordTokenizer(), {"batch_tokens": 64, "max_len": 24, "progress": False}
+    small = build((model, tok), texts[:25], tmp_path / "small", max_tokens=140, **kw)
+    full = build((model, tok), texts, tmp_path / "full", **kw)
+    other = build((model, tok), texts[1:20], tmp_path / "other", **kw)  # not a prefix: never a seed
+    assert small["entries"] == 140 and other["entries"] > 0
+    real, prefilled = knn_build._hidden_states, []
+
+    def counting(m, ids):
+        prefilled.append(ids.shape[0])
+        return real(m, ids)
+
+    monkeypatch.setattr(knn_build, "_hidden_states", counting)
+    seeds = [tmp_path / "other", tmp_path / "small", tmp_path / "missing"]
+    seeded = build((model, tok), texts, tmp_path / "seeded", seeds=seeds, **kw)
+    lengths = [len(tok(t, add_special_tokens=False).input_ids[:24]) for t in texts]
+    held = np.bincount(np.load(tmp_path / "small" / "text.npy"))  # entries per passage of the seed
+    whole = small["passages"] - 1
+    assert held[whole] < lengths[whole] - 1  # the cap cut its last passage: that one is prefilled again
+    assert seeded["seeded_from"] == str(tmp_path / "small")
+    assert seeded["seeded_entries"] == int(held[:whole].sum())
+    assert sum(prefilled) == sum(1 for n in lengths[whole:] if n >= 2)  # each passage not seeded, once
+    np.testing.assert_array_equal(np.load(tmp_path / "seeded" / "keys.npy")[: seeded["seeded_entries"]],
+                                  np.load(tmp_path / "small" / "keys.npy")[: seeded["seeded_entries"]])
+    for name in ("values.npy", "text.npy"):
+        assert np.array_equal(np.load(tmp_path / "seeded" / name), np.load(tmp_path / "full" / name)), name
+    np.testing.assert_allclose(np.load(tmp_path / "seeded" / "keys.npy").astype(np.float32),
+                               np.load(tmp_path / "full" / "keys.npy").astype(np.float32), rtol=2e-3, atol=2e-3)
+    assert seeded["entries"] == full["entries"]
+    assert build((model, tok), texts, tmp_path / "seeded", seeds=seeds, **kw)["skipped"]
+
+
 def test_load_rejects_bad_folders(built, tmp_path):
     with pytest.raises(Unavailable, match="rebuild"):
         KnnDatastore.load(tmp_path)
