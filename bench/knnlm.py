@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import results_io
-from bench.results_io import rotated, write
+from bench.results_io import write
+from bench.rounds import fastest_run, measure
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_knn_datastore, open_knnlm, open_lm
 from services.gateway.knn_generation import KnnLmEngine, KnnRequest
@@ -75,22 +77,23 @@ def perplexities(knn: KnnLmEngine, ds: KnnDatastore, lm: LmEngine, docs: DocStor
 
 
 def run_grid(knn: KnnLmEngine, prompts: list[str], size: int, indexes: list[str], ks: list[int],
-             tokens: int, methods: dict[str, str] = METHODS) -> list[dict]:
+             tokens: int, methods: dict[str, str] = METHODS, reps: int = 1) -> list[dict]:
     rows = []
     for index in indexes:
         for k in ks:
             req = KnnRequest(tokens, knn=KnnLmConfig(k=k, index=index))
-            runs: dict[str, list[RalmResult]] = {m: [] for m in ["baseline", *methods]}
-            for i, p in enumerate(prompts):  # methods in an order rotated per prompt
-                for m in rotated(list(runs), i):
-                    runs[m].append(knn.generate(p, req) if m == "baseline" else
-                                   knn.speculate(p, req, PRESETS[methods[m]]))
+            run: dict[str, Callable[[str], RalmResult]] = {"baseline": lambda p, req=req: knn.generate(p, req)}
+            for m, preset in methods.items():
+                run[m] = lambda p, req=req, preset=preset: knn.speculate(p, req, PRESETS[preset])
+            rounds = measure(prompts, run, reps)
+            runs = {m: [fastest_run(rs) for rs in per_prompt] for m, per_prompt in rounds.items()}  # per prompt
             base = runs["baseline"]
             t_base = statistics.mean(r.total_s for r in base)
             t_lm = statistics.mean(r.total_s - r.retrieval_s for r in base)
             n_tok = statistics.mean(len(r.tokens) for r in base)
             for m, rs in runs.items():
-                verdicts = [compare(b.tokens, b.gaps, r.tokens, r.gaps) for b, r in zip(base, rs)]
+                verdicts = [compare(b.tokens, b.gaps, r.tokens, r.gaps)
+                            for b, per_prompt in zip(base, rounds[m]) for r in per_prompt]
                 t = statistics.mean(r.total_s for r in rs)
                 rows.append({
                     "datastore_tokens": size, "index": index, "k": k, "method": m,
@@ -131,6 +134,7 @@ def main() -> None:
     ap.add_argument("--indexes", nargs="+", default=["exact", "approx"])
     ap.add_argument("--ppl-passages", type=int, default=40)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--reps", type=int, default=1, help="rounds per prompt; a latency is its fastest round")
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity run")
     ap.add_argument("--name", default="knnlm")
     args = ap.parse_args()
@@ -151,7 +155,7 @@ def main() -> None:
         sizes[profile] = size
         knn.generate(prompts[0], KnnRequest(4))  # warm up
         rows += run_grid(knn, prompts, size, args.indexes, args.ks, args.max_new_tokens,
-                         {m: METHODS[m] for m in args.methods})
+                         {m: METHODS[m] for m in args.methods}, args.reps)
         if profile == args.profiles[-1] and not args.no_ppl:
             ppl = perplexities(knn, ds, lm, docs, held, args.ppl_passages)
             print(ppl, flush=True)
@@ -164,11 +168,12 @@ def main() -> None:
     ceiling = {f"{r['datastore_tokens']} {r['index']}": r["ceiling"] for r in rows  # at the largest k
                if r["method"] == "baseline" and r["k"] == max(args.ks)}
     write(args.name, {"datastore_tokens": max(sizes.values()), "datastore_sizes": sizes, "prompts": args.prompts,
-                      "ceiling": ceiling,
+                      "reps": args.reps, "ceiling": ceiling,
                       "max_new_tokens": args.max_new_tokens, "rows": rows, "perplexity": ppl},
           ["datastore_tokens", "index", "k", "method", "ms_per_token", "speedup", "spec_accuracy", "mean_stride",
            "captured", "ceiling", "searches", "retrieval_ms_per_token", "lm_ms_per_token", "identical"],
-          f"KNN-LM: baseline vs speculative retrieval ({args.prompts} prompts x {args.max_new_tokens} tokens)",
+          f"KNN-LM: baseline vs speculative retrieval ({args.prompts} prompts x {args.max_new_tokens} tokens, "
+          f"fastest of {args.reps} rotated rounds)",
           "Best speedup per datastore and index: " + ", ".join(
               f"{s} tokens {i}: {v:.2f}x" for (s, i), v in sorted(best.items()))
           + (f"\n\nPerplexity on {ppl['passages']} held-out passages ({ppl['tokens']} tokens, largest datastore): "

@@ -19,7 +19,8 @@ import statistics
 from collections.abc import Callable
 from dataclasses import replace
 
-from bench.results_io import rotated, spread, spread_text, write
+from bench.results_io import spread, spread_text, write
+from bench.rounds import Runs, fastest, measure
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_engine, open_knn_datastore, open_knnlm
 from services.gateway.knn_generation import KnnLmEngine, KnnRequest
@@ -42,23 +43,6 @@ RALM_SETTINGS: list[tuple[str, RalmConfig, dict]] = [
 ]
 KNN_KS = (1, 16, 1024)
 AA = "A/A"  # the baseline run a second time: the ratio's noise on this machine, measured beside every setting
-
-
-Runs = dict[str, list[list[RalmResult]]]  # method -> per prompt -> per round
-
-
-def measure(prompts: list[str], methods: dict[str, Callable[[str], RalmResult]], reps: int) -> Runs:
-    """Every method on every prompt `reps` times, each round in an order rotated by prompt and round."""
-    runs: Runs = {m: [[] for _ in prompts] for m in methods}
-    for i, p in enumerate(prompts):
-        for r in range(reps):
-            for m in rotated(list(methods), i + r):
-                runs[m][i].append(methods[m](p))
-    return runs
-
-
-def fastest(rounds: list[RalmResult]) -> float:
-    return min(r.total_s for r in rounds)
 
 
 def rows_of(runs: Runs, base: str, setting: str, retriever: str) -> list[dict]:
