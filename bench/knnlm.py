@@ -4,7 +4,9 @@ exact and approximate index, k in {1, 16, 256, 1024}, at two datastore sizes; pl
     RALMSPEC_THREADS=1 python -m bench.knnlm --profiles tiny default --prompts 2 --max-new-tokens 32
 
 Prompts are openings of passages held out of the datastore (language modelling: only EOS stops). Methods run
-interleaved per prompt; every output is checked equal to the baseline's (near-ties counted). `captured` is the
+`--reps` rounds per prompt, each in an order rotated by prompt and round, and a method's figures on a prompt are
+its fastest round's (`bench/rounds.py`); every round's output is checked equal to the baseline's (near-ties
+counted). `captured` is the
 share of the baseline's retrieval time that speculation removed: (T_base − T) / (T_base − T_lm-only), with
 T_lm-only = the baseline's time without its searches. Perplexity: held-out passages, LM alone vs KNN-LM
 (k = 1024, λ = 0.25, exact index) on the largest datastore.
