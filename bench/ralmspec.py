@@ -17,10 +17,11 @@ import numpy as np
 
 from bench import results_io
 from bench.results_io import rotated, spread, spread_text, write
+from bench.rounds import Runs, fastest_run
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
-from services.gateway.ralm import RalmConfig, RalmEngine, RalmResult
+from services.gateway.ralm import RalmConfig, RalmEngine
 from services.gateway.ralmspec import PRESETS, SpeculativeRalm
 from services.gateway.settings import GatewaySettings
 from services.retriever.corpus import read_questions
@@ -34,28 +35,31 @@ UNITS = [["baseline-paper"], ["baseline-kv", "lm-only"], *[[p] for p in PRESETS]
 
 
 def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], retriever: str,
-                cfg: RalmConfig, methods: list[str]) -> list[dict]:
+                cfg: RalmConfig, methods: list[str], reps: int = 1) -> list[dict]:
     units = [u for u in ([m for m in unit if m in methods or m == "baseline-kv"] for unit in UNITS) if u]
-    runs: dict[str, list[RalmResult]] = {m: [] for u in units for m in u}
+    rounds: Runs = {m: [[] for _ in prompts] for u in units for m in u}  # method -> per prompt -> per round
     paper_cfg = RalmConfig(**{**cfg.__dict__, "mode": "paper"})
     lm_cfg = RalmConfig(**{**cfg.__dict__, "mode": "lm-only"})
     for i, p in enumerate(prompts):
-        for unit in rotated(units, i):
-            for m in unit:
-                if m == "baseline-paper":
-                    runs[m].append(engine.generate(p, paper_cfg, retriever))
-                elif m == "baseline-kv":
-                    runs[m].append(engine.generate(p, cfg, retriever))
-                elif m == "lm-only":
-                    runs[m].append(engine.generate(p, lm_cfg, schedule=runs["baseline-kv"][-1].doc_ids))
-                else:
-                    runs[m].append(spec.generate(p, cfg, PRESETS[m], retriever))
+        for r in range(reps):
+            for unit in rotated(units, i + r):
+                for m in unit:
+                    if m == "baseline-paper":
+                        out = engine.generate(p, paper_cfg, retriever)
+                    elif m == "baseline-kv":
+                        out = engine.generate(p, cfg, retriever)
+                    elif m == "lm-only":
+                        out = engine.generate(p, lm_cfg, schedule=rounds["baseline-kv"][i][-1].doc_ids)
+                    else:
+                        out = spec.generate(p, cfg, PRESETS[m], retriever)
+                    rounds[m][i].append(out)
+    runs = {m: [fastest_run(rs) for rs in per_prompt] for m, per_prompt in rounds.items()}  # per prompt
     mean: Callable[[str], float] = lambda m: statistics.mean(r.total_s for r in runs[m])  # noqa: E731
     t_paper, t_kv, t_lm = mean("baseline-paper"), mean("baseline-kv"), mean("lm-only")
     rows = []
     for m in methods:
         rs, base = runs[m], runs["baseline-kv"]
-        verdicts = [compare(b.tokens, b.gaps, r.tokens, r.gaps) for b, r in zip(base, rs)]
+        verdicts = [compare(b.tokens, b.gaps, r.tokens, r.gaps) for b, per in zip(base, rounds[m]) for r in per]
         t = mean(m)
         spec_acc = [r.stats["spec_accuracy"] for r in rs if "spec_accuracy" in r.stats]
         rows.append({
@@ -83,7 +87,7 @@ SCALING = [3000, 10000, 10**9]  # 10**9: the whole corpus
 
 
 def scaling(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], cfg: RalmConfig,
-            sizes: list[int]) -> list[dict]:
+            sizes: list[int], reps: int = 1) -> list[dict]:
     """Speedup of +PSA over both baselines with the exact retriever on the first N real passages."""
     exact = engine.retrievers["exact"]
     assert isinstance(exact, DenseRetriever)
@@ -95,12 +99,13 @@ def scaling(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], cfg: 
         index = DenseIndex(build_index("flat", sub), "flat", sub)
         engine.retrievers["scaled"] = DenseRetriever("scaled", exact.encoder, index)
         methods = ["baseline-paper", "baseline-kv", "+PSA", "lm-only"]
-        rows = run_methods(engine, spec, prompts, "scaled", cfg, methods)
+        rows = run_methods(engine, spec, prompts, "scaled", cfg, methods, reps)
         psa = next(r for r in rows if r["method"] == "+PSA")
         kv = next(r for r in rows if r["method"] == "baseline-kv")
         out.append({"passages": n, "speedup_vs_paper": psa["speedup_vs_paper"], "speedup_vs_kv": psa["speedup_vs_kv"],
                     "captured": psa["captured"], "baseline_kv_retrieval_s": kv["retrieval_s"],
-                    "identical": psa["identical"]})
+                    "baseline_kv_s": kv["latency_s"], "psa_s": psa["latency_s"],
+                    "vs_kv_per_request": psa["vs_kv_per_request"], "identical": psa["identical"]})
         print(out[-1], flush=True)
     del engine.retrievers["scaled"]
     return out
@@ -111,7 +116,9 @@ def main() -> None:
     ap.add_argument("--profile", default="large")
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--retrievers", nargs="+", default=["exact", "approx", "sparse"])
+    ap.add_argument("--retrievers", nargs="*", default=["exact", "approx", "sparse"],
+                    help="given alone: none (the scaling run only)")
+    ap.add_argument("--reps", type=int, default=1, help="rounds per request; a latency is its fastest round")
     ap.add_argument("--scaling", nargs="*", type=int, default=SCALING,
                     help=f"index sizes in passages (default {SCALING}; all of them: 10**9); given alone, the default")
     ap.add_argument("--no-scaling", action="store_true")
@@ -123,15 +130,15 @@ def main() -> None:
     questions = read_questions(settings.layout.questions)
     prompts = [qa_prompt(q.question) for q in questions[11 :: len(questions) // args.questions][: args.questions]]
     cfg = RalmConfig(max_new_tokens=args.max_new_tokens, stop_at_newline=False)
-    for r in args.retrievers:  # warm up every retriever (the first sparse search starts the JVM) and the caches
+    for r in args.retrievers or ["exact"]:  # warm up each retriever (the first sparse search starts the JVM)
         engine.generate(prompts[0], RalmConfig(max_new_tokens=8), r)
         spec.generate(prompts[0], RalmConfig(max_new_tokens=8), PRESETS["+PSA"], r)
     rows = []
     for r in args.retrievers:
-        rows += run_methods(engine, spec, prompts, r, cfg, METHODS)
-    scale = [] if args.no_scaling else scaling(engine, spec, prompts, cfg, args.scaling or SCALING)
+        rows += run_methods(engine, spec, prompts, r, cfg, METHODS, args.reps)
+    scale = [] if args.no_scaling else scaling(engine, spec, prompts, cfg, args.scaling or SCALING, args.reps)
     write(args.name, {"passages": len(engine.docs), "profile": args.profile, "questions": len(prompts),
-                      "max_new_tokens": args.max_new_tokens, "rows": rows, "scaling": scale},
+                      "max_new_tokens": args.max_new_tokens, "reps": args.reps, "rows": rows, "scaling": scale},
           ["retriever", "method", "latency_s", "latency", "speedup_vs_paper", "vs_paper_per_request",
            "speedup_vs_kv", "vs_kv_per_request", "over_lm_only", "captured", "spec_accuracy", "mean_stride",
            "retrieval_calls", "retrieval_s", "lm_s", "identical", "near_ties"],
@@ -139,13 +146,17 @@ def main() -> None:
           f"x {args.max_new_tokens} tokens)",
           "`latency_s`: mean seconds per request; `latency`: median [min, max] over the requests. `speedup_vs_*`: "
           "ratio of the mean latencies; `vs_*_per_request`: the same ratio per request (same prompt, both methods), "
-          "median [min, max]. Methods run in an order rotated per request (lm-only right after baseline-kv, whose "
-          "documents it replays); every retriever is warmed up first. `captured`: (kv - method) / (kv - lm-only), "
-          "the share of the removable retrieval time that the method removed.\n\n"
-          ("Scaling (exact retriever, +PSA):\n\n" if scale else "Scaling: not run.") + "\n".join(
-              f"- {s['passages']} passages: {s['speedup_vs_paper']:.2f}x vs paper, {s['speedup_vs_kv']:.2f}x vs kv, "
-              f"captured {s['captured']:.2f}, identical {s['identical']}" for s in scale))
-    chart(rows, args.name)
+          f"median [min, max]. Each request runs every method in {args.reps} round(s), each in an order rotated by "
+          "request and round (lm-only right after baseline-kv, whose documents it replays), and a method's figures "
+          "on a request are its fastest round's; every retriever is warmed up first. `captured`: "
+          "(kv - method) / (kv - lm-only), the share of the removable retrieval time that the method removed.\n\n"
+          + ("Scaling (exact retriever, +PSA):\n\n" if scale else "Scaling: not run.") + "\n".join(
+              f"- {s['passages']} passages: {s['speedup_vs_paper']:.2f}x vs paper, {s['speedup_vs_kv']:.2f}x vs kv "
+              f"(per request {s['vs_kv_per_request']}; kv {s['baseline_kv_s']:.2f} s, +PSA {s['psa_s']:.2f} s, kv's "
+              f"searches {s['baseline_kv_retrieval_s']:.3f} s), captured {s['captured']:.2f}, identical "
+              f"{s['identical']}" for s in scale))
+    if rows:
+        chart(rows, args.name)
 
 
 def chart(rows: list[dict], name: str) -> None:
