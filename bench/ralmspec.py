@@ -16,12 +16,12 @@ from collections.abc import Callable
 import numpy as np
 
 from bench import results_io
-from bench.results_io import rotated, spread, spread_text, write
-from bench.rounds import Runs, fastest_run
+from bench.results_io import spread, spread_text, write
+from bench.rounds import fastest_run, measure
 from services.common.equivalence import compare
 from services.gateway.inprocess import open_engine
 from services.gateway.prompts import qa_prompt
-from services.gateway.ralm import RalmConfig, RalmEngine
+from services.gateway.ralm import RalmConfig, RalmEngine, RalmResult
 from services.gateway.ralmspec import PRESETS, SpeculativeRalm
 from services.gateway.settings import GatewaySettings
 from services.retriever.corpus import read_questions
@@ -37,22 +37,19 @@ UNITS = [["baseline-paper"], ["baseline-kv", "lm-only"], *[[p] for p in PRESETS]
 def run_methods(engine: RalmEngine, spec: SpeculativeRalm, prompts: list[str], retriever: str,
                 cfg: RalmConfig, methods: list[str], reps: int = 1) -> list[dict]:
     units = [u for u in ([m for m in unit if m in methods or m == "baseline-kv"] for unit in UNITS) if u]
-    rounds: Runs = {m: [[] for _ in prompts] for u in units for m in u}  # method -> per prompt -> per round
     paper_cfg = RalmConfig(**{**cfg.__dict__, "mode": "paper"})
     lm_cfg = RalmConfig(**{**cfg.__dict__, "mode": "lm-only"})
-    for i, p in enumerate(prompts):
-        for r in range(reps):
-            for unit in rotated(units, i + r):
-                for m in unit:
-                    if m == "baseline-paper":
-                        out = engine.generate(p, paper_cfg, retriever)
-                    elif m == "baseline-kv":
-                        out = engine.generate(p, cfg, retriever)
-                    elif m == "lm-only":
-                        out = engine.generate(p, lm_cfg, schedule=rounds["baseline-kv"][i][-1].doc_ids)
-                    else:
-                        out = spec.generate(p, cfg, PRESETS[m], retriever)
-                    rounds[m][i].append(out)
+    last_kv: dict[str, RalmResult] = {}  # prompt -> baseline-kv's latest run, whose documents lm-only replays
+
+    def kv(p: str) -> RalmResult:
+        last_kv[p] = engine.generate(p, cfg, retriever)
+        return last_kv[p]
+
+    run: dict[str, Callable[[str], RalmResult]] = {
+        "baseline-paper": lambda p: engine.generate(p, paper_cfg, retriever), "baseline-kv": kv,
+        "lm-only": lambda p: engine.generate(p, lm_cfg, schedule=last_kv[p].doc_ids),
+        **{m: (lambda p, m=m: spec.generate(p, cfg, PRESETS[m], retriever)) for m in PRESETS}}
+    rounds = measure(prompts, run, reps, units)
     runs = {m: [fastest_run(rs) for rs in per_prompt] for m, per_prompt in rounds.items()}  # per prompt
     mean: Callable[[str], float] = lambda m: statistics.mean(r.total_s for r in runs[m])  # noqa: E731
     t_paper, t_kv, t_lm = mean("baseline-paper"), mean("baseline-kv"), mean("lm-only")

@@ -12,12 +12,17 @@ from services.gateway.ralm import RalmResult
 Runs = dict[str, list[list[RalmResult]]]  # method -> per prompt -> per round
 
 
-def measure(prompts: list[str], methods: dict[str, Callable[[str], RalmResult]], reps: int) -> Runs:
-    runs: Runs = {m: [[] for _ in prompts] for m in methods}
+def measure(prompts: list[str], methods: dict[str, Callable[[str], RalmResult]], reps: int,
+            units: list[list[str]] | None = None) -> Runs:
+    """`units`: groups of methods that always run back to back, in their order (default: each method alone);
+    the rotation moves whole units."""
+    groups = units or [[m] for m in methods]
+    runs: Runs = {m: [[] for _ in prompts] for g in groups for m in g}
     for i, p in enumerate(prompts):
         for r in range(reps):
-            for m in rotated(list(methods), i + r):
-                runs[m][i].append(methods[m](p))
+            for g in rotated(groups, i + r):
+                for m in g:
+                    runs[m][i].append(methods[m](p))
     return runs
 
 

@@ -83,10 +83,10 @@ def _digest(passages: list[np.ndarray], config: dict) -> str:
 _SEED_FIELDS = ("version", "model", "dim", "max_len", "keys_dtype", "model_dtype")
 
 
-def _find_seed(seeds: Iterable[Path], passages: list[np.ndarray], config: dict) -> tuple[Path, int, int] | None:
+def _find_seed(seeds: Iterable[Path], passages: list[np.ndarray], config: dict) -> dict[str, Any] | None:
     """The complete datastore among `seeds` whose passages are a prefix of `passages` (same LM and config), the
-    one giving the most entries: (its folder, passages it holds whole, their entries); None when none fits."""
-    best: tuple[Path, int, int] | None = None
+    one giving the most entries: {folder, passages it holds whole, their entries}; None when none fits."""
+    best: dict[str, Any] | None = None
     for folder in seeds:
         meta_path = folder / "meta.json"
         if not meta_path.exists():
@@ -100,8 +100,8 @@ def _find_seed(seeds: Iterable[Path], passages: list[np.ndarray], config: dict) 
             continue
         whole = len(theirs) - int(len(theirs[-1]) < len(passages[len(theirs) - 1]))  # their cap cut the last one
         entries = int(sum(max(len(p) - 1, 0) for p in theirs[:whole]))
-        if entries and (best is None or entries > best[2]):
-            best = (folder, whole, entries)
+        if entries and (best is None or entries > best["entries"]):
+            best = {"folder": str(folder), "passages": whole, "entries": entries}
     return best
 
 
@@ -178,10 +178,7 @@ def build(lm: Any, texts: Iterable[str] | Sequence[str], folder: Path, *, max_to
                     "skipped": True}
         meta_path.unlink()  # another corpus, cap or model: rebuild
     # 2) resume when progress.json describes this very build (seed included), else start over, seeded if one fits
-    found = _find_seed((s for s in seeds if s.resolve() != folder.resolve()), passages, config)
-    seed: dict[str, Any] | None = None
-    if found:
-        seed = {"folder": str(found[0]), "passages": found[1], "entries": found[2]}
+    seed = _find_seed((s for s in seeds if s.resolve() != folder.resolve()), passages, config)
     state = json.loads(prog_path.read_text()) if prog_path.exists() else {}
     if (state.get("digest") != digest or state.get("batch_tokens") != batch_tokens or state.get("seed") != seed
             or not keys_path.exists()):
