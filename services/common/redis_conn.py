@@ -57,9 +57,9 @@ def connect(url: str, max_connections: int) -> aioredis.Redis:
     sentinel = sentinel_address(url)
     if sentinel is not None:  # connections follow the primary: each new one asks the sentinels where it is
         nodes, name, password, db = sentinel
-        auth = {"password": password} if password else {}
-        return Sentinel(nodes, sentinel_kwargs={**auth, "socket_connect_timeout": 2}, socket_connect_timeout=2,
-                        db=db, **auth).master_for(name)
+        secret = password or None  # None: no AUTH (sentinels and primary share the password)
+        return Sentinel(nodes, sentinel_kwargs={"password": secret, "socket_connect_timeout": 2},
+                        socket_connect_timeout=2, db=db, password=secret).master_for(name)
     # A connection the pool kept across a Redis restart is closed at the other end: its next command fails once
     # ("Connection closed by server"), then works on a new connection. One immediate retry on a connection error
     # hides that (found by bench/chaos.py: replies left for a claim, requests failed UNAVAILABLE, minutes after a
@@ -76,10 +76,10 @@ def sync_connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
     sentinel = sentinel_address(url)
     if sentinel is not None:
         nodes, name, password, db = sentinel
-        auth = {"password": password} if password else {}
-        return SyncSentinel(nodes, sentinel_kwargs={**auth, "socket_connect_timeout": timeout_s},
+        secret = password or None
+        return SyncSentinel(nodes, sentinel_kwargs={"password": secret, "socket_connect_timeout": timeout_s},
                             socket_connect_timeout=timeout_s, socket_timeout=timeout_s, db=db,
-                            **auth).master_for(name)
+                            password=secret).master_for(name)
     return redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
 
 

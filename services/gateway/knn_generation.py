@@ -132,7 +132,7 @@ class KnnLmEngine:
         self.stop_sets = stops or StopSets.of(tokenizer)
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
-        self._costs = CostMemories()  # OS³'s a and b per (index, k), from earlier requests
+        self._costs = CostMemories()  # OS³'s a and b per (index, k, +A, +P), from earlier requests
 
     def encode(self, text: str) -> list[int]:
         ids = list(self.tok(text, add_special_tokens=False).input_ids)  # type: ignore[operator]
@@ -203,7 +203,7 @@ class KnnLmEngine:
             opened.callback(cache.close)
             steps = _TokenSteps(self, prompt_ids, req, sid, cache, req.cached_successors(spec), res)
             out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy,
-                                  self._costs((req.knn.index, req.knn.k))).run()
+                                  self._costs((req.knn.index, req.knn.k, spec.asynchronous, spec.prefetch))).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals
         res.stats.update(out.stats)

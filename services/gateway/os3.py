@@ -27,6 +27,13 @@ A third addition: b depends on s. The paper treats a batched verification as one
 on a CPU a batch of s exact searches costs up to s single ones (FAISS scans once per query below its BLAS
 threshold, `services/retriever/dense.py`). So b(s) = b0 + b1·s is fitted online by least squares over recent
 (batch size, seconds) samples, and the scheduler sees that a longer stride buys no cheaper verification.
+A fourth: a depends on what runs beside the step. A speculation step of +A shares the memory bus with the
+verification of the round before it, and does a cache lookup; a plain step runs alone. Measured for KNN-LM (LM
+step with a verification beside it / alone): 1.15x beside a 17 ms IVF search at 2M entries, 1.18x beside a 66 ms
+exact scan at 600k, 1.5x beside a 200 ms exact scan at 2M. So a is kept per kind of step: rounds are priced at
+a_spec (speculation steps as measured), the plain candidate at a_plain. One a for both had OS³ speculate at 2M
+(IVF, k = 1024) where a round cost more than the plain steps it replaced: 0.88x of the baseline. Before a
+speculation step was measured (by this request or an earlier one, `CostMemory`), a_spec = a_plain.
 """
 
 from __future__ import annotations
@@ -58,19 +65,36 @@ def round_latency(s: int, a: float, b: Cost, gamma: float, asynchronous: bool) -
 
 
 def optimal_stride(a: float, b: Cost, gamma: float, asynchronous: bool = False, max_stride: int = 16,
-                   allow_plain: bool = False, min_gain: float = 0.0) -> int:
+                   allow_plain: bool = False, min_gain: float = 0.0, a_plain: float | None = None) -> int:
     """The first local maximum of E(s) / round_latency(s), searching s = 1, 2, ... up to max_stride;
     0 (do not speculate) when `allow_plain` and speculation's best rate is not `min_gain` above a plain step's,
-    1 / (a + b)."""
+    1 / (a_plain + b) (`a`: a speculation step's latency; `a_plain`: a plain step's, by default the same)."""
     best_s, best = 1, expected_verified(1, gamma) / round_latency(1, a, b, gamma, asynchronous)
     for s in range(2, max_stride + 1):
         value = expected_verified(s, gamma) / round_latency(s, a, b, gamma, asynchronous)
         if value <= best:
             break
         best_s, best = s, value
-    if allow_plain and (1.0 + min_gain) / (a + _at(b, 1)) >= best:
+    if allow_plain and (1.0 + min_gain) / ((a if a_plain is None else a_plain) + _at(b, 1)) >= best:
         return 0
     return best_s
+
+
+class _Samples:
+    """A window of recent samples of one latency; `measured`: how many this scheduler took itself (not seeded)."""
+
+    def __init__(self, keep: int) -> None:
+        self.recent: deque = deque(maxlen=keep)
+        self.measured = 0
+
+    def add(self, sample: object) -> None:
+        self.recent.append(sample)
+        self.measured += 1
+
+    def own(self) -> list:
+        """The samples this scheduler measured that are still in the window."""
+        kept = list(self.recent)
+        return kept[len(kept) - min(self.measured, len(kept)):]
 
 
 @dataclass(frozen=True)
@@ -94,9 +118,9 @@ class OS3:
     def __init__(self, config: OS3Config = OS3Config()) -> None:
         self.config = config
         self._rounds: deque[tuple[int, int]] = deque(maxlen=config.window)  # (stride s, matched M)
-        self._a: deque[float] = deque(maxlen=config.latency_window)
-        self._b: deque[tuple[int, float]] = deque(maxlen=config.latency_window)  # (batch size, seconds)
-        self.measured_a = self.measured_b = 0  # samples this scheduler measured itself (not seeded)
+        self.a_spec = _Samples(config.latency_window)  # speculation steps' seconds
+        self.a_plain = _Samples(config.latency_window)  # plain steps' seconds (the search not included)
+        self.b = _Samples(config.latency_window)  # verifications' (batch size, seconds)
 
     def observe_round(self, stride: int, matched: int) -> None:
         if not 0 <= matched <= stride:
@@ -104,21 +128,30 @@ class OS3:
         self._rounds.append((stride, matched))
 
     def observe_speculation(self, seconds: float) -> None:
-        self._a.append(seconds)
-        self.measured_a += 1
+        self.a_spec.add(seconds)
+
+    def observe_plain(self, seconds: float) -> None:
+        self.a_plain.add(seconds)
 
     def observe_verification(self, seconds: float, queries: int = 1) -> None:
-        self._b.append((queries, seconds))
-        self.measured_b += 1
+        self.b.add((queries, seconds))
+
+    def latencies(self) -> tuple[float, float]:
+        """(a_spec, a_plain): medians of the recent samples (one slow step, a page fault or a first call, must not
+        steer the next 16); a kind not measured yet takes the other's."""
+        spec = statistics.median(self.a_spec.recent) if self.a_spec.recent else None
+        plain = statistics.median(self.a_plain.recent) if self.a_plain.recent else spec
+        assert plain is not None, "no step measured"
+        return (plain if spec is None else spec), plain
 
     def verification_cost(self) -> Cost:
         """b(s) = b0 + b1·s by least squares over the recent samples (b1, b0 ≥ 0). When every sample had the same
         batch size q (nothing to fit: plain steps search one key), b(s) = mean·s/q, the CPU's scan path, where a
         batch of s costs s singles: a longer stride is not assumed cheaper to verify until it was measured so
         (assuming a constant b made KNN-LM +S pick s = 3 at 600k entries and lose 4%)."""
-        n = len(self._b)
-        xs = [float(q) for q, _ in self._b]
-        ys = [t for _, t in self._b]
+        n = len(self.b.recent)
+        xs = [float(q) for q, _ in self.b.recent]
+        ys = [t for _, t in self.b.recent]
         mx, my = sum(xs) / n, sum(ys) / n
         sxx = sum((x - mx) ** 2 for x in xs)
         if sxx == 0.0:
@@ -138,7 +171,10 @@ class OS3:
     def evidence(self) -> bool:
         """Whether a, b and γ have been measured (γ over at least `min_rounds` outcomes with allow_plain)."""
         need = self.config.min_rounds if self.config.allow_plain else 1
-        return len(self._rounds) >= need and bool(self._a) and bool(self._b)
+        return len(self._rounds) >= need and self._measured()
+
+    def _measured(self) -> bool:
+        return bool(self.a_spec.recent or self.a_plain.recent) and bool(self.b.recent)
 
     def next_stride(self) -> int:
         if not self.evidence():
@@ -147,15 +183,15 @@ class OS3:
 
     def _stride(self, gamma: float) -> int:
         c = self.config
-        a = statistics.median(self._a)  # one slow step (a page fault, a first call) must not steer the next 16
-        return optimal_stride(a, self.verification_cost(), gamma, c.asynchronous, c.max_stride, c.allow_plain,
-                              c.min_gain)
+        a_spec, a_plain = self.latencies()
+        return optimal_stride(a_spec, self.verification_cost(), gamma, c.asynchronous, c.max_stride, c.allow_plain,
+                              c.min_gain, a_plain)
 
     def worth_watching(self) -> bool:
         """Whether speculation could pay at the best γ allowed (the cap), given the measured a and b. When it could
         not (iterative RaLM on a CPU: a stride costs 10-20 searches), plain steps need no shadow lookups or cache
         inserts: γ cannot change the answer. Before a and b are measured: True."""
-        if not self.config.allow_plain or not self._a or not self._b:
+        if not self.config.allow_plain or not self._measured():
             return True
         return self._stride(self.config.gamma_cap) > 0
 
@@ -169,22 +205,23 @@ class CostMemory:
     request's own: speculation still waits for its own shadow lookups. Every request's plain steps keep
     measuring a and b, and `learn` takes them in, so the memory follows the machine. Thread-safe."""
 
+    KINDS = ("a_spec", "a_plain", "b")  # the OS3 windows it keeps
+
     def __init__(self, keep: int = 16) -> None:
-        self._a: deque[float] = deque(maxlen=keep)
-        self._b: deque[tuple[int, float]] = deque(maxlen=keep)
+        self._kept: dict[str, deque] = {name: deque(maxlen=keep) for name in self.KINDS}
         self._lock = threading.Lock()
 
     def seed(self, os3: OS3) -> None:
         with self._lock:
-            os3._a.extend(self._a)
-            os3._b.extend(self._b)
+            for name, kept in self._kept.items():
+                getattr(os3, name).recent.extend(kept)
 
     def learn(self, os3: OS3) -> None:
         """Take in what `os3` measured itself (not what it was seeded with)."""
-        a, b = list(os3._a), list(os3._b)
+        own = {name: getattr(os3, name).own() for name in self.KINDS}
         with self._lock:
-            self._a.extend(a[len(a) - min(os3.measured_a, len(a)):])
-            self._b.extend(b[len(b) - min(os3.measured_b, len(b)):])
+            for name, samples in own.items():
+                self._kept[name].extend(samples)
 
 
 class CostMemories:

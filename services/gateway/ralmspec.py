@@ -129,7 +129,7 @@ class SpeculativeRalm:
         self._pool = verification_pool(verify_workers)
         self._books = verification_pool(verify_workers, "books")
         self._encoder = verification_pool(verify_workers, "encode")
-        self._costs = CostMemories()  # OS³'s a and b per (retriever, stride), from earlier requests
+        self._costs = CostMemories()  # OS³'s a and b per (retriever, stride, +A, +P), from earlier requests
 
     def generate(self, prompt: str, cfg: RalmConfig, spec: SpecConfig, retriever: str = "exact",
                  emit: Emit | None = None, call: Call | None = None) -> RalmResult:
@@ -153,7 +153,7 @@ class SpeculativeRalm:
             steps = _Strides(eng, ret, prompt_ids, cfg, sid, cache, PrefetchPolicy(spec.prefetch, spec.prefetch_k), res,
                              on_time, self._encoder)
             out = SpeculationLoop(steps, spec, self._pool, on_time, emit, self._books, self.busy,
-                                  self._costs((retriever, cfg.stride))).run()
+                                  self._costs((retriever, cfg.stride, spec.asynchronous, spec.prefetch))).run()
         res.tokens, res.gaps = out.tokens, out.gaps
         res.doc_ids = [NO_DOC if st.guess is None else st.guess for st in out.steps]
         res.retrieval_s, res.retrievals = out.retrieval_s, out.retrievals

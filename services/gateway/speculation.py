@@ -271,7 +271,7 @@ class SpeculationLoop(Generic[K, G, T]):
         self.decode(key, self.g.correct(truth))
         t = self.lap("decode", t)
         if not first:  # the first step's prompt prefill is no speculation cost: keep it out of `a`
-            self.os3.observe_speculation(t - t0 - seconds - t_join)
+            self.os3.observe_plain(t - t0 - seconds - t_join)
         self.plain_steps += 1
         self.release(len(self.res.tokens))
 

@@ -150,9 +150,30 @@ def test_cost_memory_starts_a_request_from_earlier_costs_and_learns_only_what_it
     second = OS3(OS3Config())
     memory.seed(second)
     assert not second.worth_watching()  # from its first step: no shadow lookups, the baseline's step
-    assert (second.measured_a, second.measured_b) == (0, 0)
+    assert (second.a_spec.measured, second.b.measured) == (0, 0)
     second.observe_speculation(0.4)
+    second.observe_plain(0.3)
     memory.learn(second)  # only the 0.4 it measured, not the seeded 0.5 again
     third = OS3(OS3Config())
     memory.seed(third)
-    assert sorted(third._a) == [0.4, 0.5] and list(third._b) == [(1, 0.01)]
+    assert sorted(third.a_spec.recent) == [0.4, 0.5] and list(third.a_plain.recent) == [0.3]
+    assert list(third.b.recent) == [(1, 0.01)]
+
+
+def test_a_speculation_step_slowed_by_the_verification_beside_it_is_priced_as_measured():
+    # KNN-LM at 2M entries, IVF, k = 1024 (measured): a 131 ms LM step alone, 151 ms beside an asynchronous
+    # verification (memory bus shared), a 17 ms search. One a for both speculated and lost (0.88x).
+    assert optimal_stride(0.131, 0.017, 0.95, asynchronous=True, allow_plain=True, min_gain=0.05) >= 1
+    assert optimal_stride(0.151, 0.017, 0.95, asynchronous=True, allow_plain=True, min_gain=0.05, a_plain=0.131) == 0
+    # 600k, exact: 132 ms alone, 156 ms beside a 66 ms scan: still worth speculating
+    assert optimal_stride(0.156, 0.066, 0.95, asynchronous=True, allow_plain=True, min_gain=0.05, a_plain=0.132) == 1
+    os3 = OS3(OS3Config(asynchronous=True, gamma_cap=0.95))
+    for _ in range(5):
+        os3.observe_round(1, 1)
+    os3.observe_plain(0.131)
+    os3.observe_verification(0.017)
+    assert os3.latencies() == (0.131, 0.131)  # no speculation step measured yet: a_spec = a_plain
+    assert os3.next_stride() == 1
+    for _ in range(3):
+        os3.observe_speculation(0.151)
+    assert os3.latencies() == (0.151, 0.131) and os3.next_stride() == 0
